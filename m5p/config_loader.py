@@ -1,0 +1,21 @@
+"""Loads a config file (`configs/*.py` exposing `get_config()`) by path, for tools and tests."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """`path` may be a file or a bare name of a config in the repo's configs/ folder."""
+  if not os.path.exists(path) and os.path.exists(os.path.join(REPO_CONFIGS, path + ".py")):
+    path = os.path.join(REPO_CONFIGS, path + ".py")
+  spec = importlib.util.spec_from_file_location(f"m5p_config_{os.path.basename(path)[:-3]}", path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"No config file at {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -1,0 +1,1 @@
+"""Data: raw M5Product layout -> ArrayRecord (TFDS builder) -> Grain batches."""

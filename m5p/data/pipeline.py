@@ -1,0 +1,93 @@
+"""Grain input pipelines over the converted ArrayRecord dataset.
+
+Training: source -> this process's shard -> seeded global shuffle (a new
+order each epoch) -> repeat -> decode/tokenize/mask (seeded per element) ->
+batch of the per-process batch size -> prefetch. The iterator is a Grain
+`DatasetIterator` whose state is saved with every checkpoint, so a resumed
+run sees exactly the batches it would have seen.
+
+Evaluation: the split in order, unmasked, padded to whole batches (padding
+rows have `index == -1` and no modality present).
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from m5p.data import convert
+from m5p.data.preprocess import Preprocessor
+
+
+def _indexed_source(data_dir: str, split: str) -> grain.MapDataset:
+  source = convert.open_split(data_dir, split)
+  return grain.MapDataset.source(source).map_with_index(lambda i, r: (i, r))
+
+
+def _tokenizer_path(data_dir: str) -> str:
+  return os.path.join(data_dir, convert.load_manifest(data_dir)["tokenizer"])
+
+
+def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=max(int(config.data.read_threads), 0),
+                           prefetch_buffer_size=max(int(config.data.prefetch), 1) * 8)
+
+
+def local_batch_size(global_batch: int) -> int:
+  if global_batch % jax.process_count():
+    raise ValueError(f"batch_size {global_batch} is not divisible by the {jax.process_count()} processes.")
+  return global_batch // jax.process_count()
+
+
+def train_dataset(config: ml_collections.ConfigDict, data_dir: str,
+                  split: str | None = None) -> grain.IterDataset:
+  """The endless, shuffled, masked training stream of this process's batches."""
+  split = split or config.data.train_split
+  ds = _indexed_source(data_dir, split)
+  n = len(ds)
+  ds = ds[jax.process_index()::jax.process_count()]
+  b = local_batch_size(config.batch_size)
+  if len(ds) < b:
+    raise ValueError(f"Split '{split}' has {n} records; fewer than one batch of {b} per process.")
+  ds = ds.shuffle(seed=config.seed).repeat(None)
+  ds = ds.random_map(Preprocessor(config, _tokenizer_path(data_dir), train=True), seed=config.seed + 1)
+  ds = ds.batch(b, drop_remainder=True)
+  it = ds.to_iter_dataset(_read_options(config))
+  if config.data.worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.worker_count)))
+  return it
+
+
+def _pad_rows(batch: dict, size: int) -> dict:
+  """Pads a last, short batch with empty rows (index -1, nothing present)."""
+  n = len(batch["index"])
+  if n == size:
+    return batch
+  fills = {"index": -1, "label": -1, "fine_group": -1, "item_id": b""}
+  return {k: np.concatenate([v, np.full((size - n,) + v.shape[1:], fills.get(k, 0), v.dtype)])
+          for k, v in batch.items()}
+
+
+def eval_batches(config: ml_collections.ConfigDict, data_dir: str, split: str,
+                 batch_size: int | None = None):
+  """Yields unmasked, whole batches of the split in record order (this process's share).
+
+  Batches carry an extra host-only field `item_id` (bytes) for reports.
+  """
+  batch_size = batch_size or int(config.eval.batch_size)
+  local = local_batch_size(batch_size)
+  ds = _indexed_source(data_dir, split)[jax.process_index()::jax.process_count()]
+  pre = Preprocessor(config, _tokenizer_path(data_dir), train=False)
+
+  def process(indexed):
+    ex = pre(indexed, np.random.default_rng(0))
+    ex["item_id"] = np.asarray(indexed[1]["item_id"] if isinstance(indexed[1]["item_id"], bytes)
+                               else str(indexed[1]["item_id"]).encode())
+    return ex
+
+  ds = ds.map(process).batch(local, drop_remainder=False)
+  for batch in ds.to_iter_dataset(_read_options(config)):
+    yield _pad_rows(batch, local)

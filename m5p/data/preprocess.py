@@ -1,0 +1,150 @@
+"""One converted record -> one fixed-shape training example (see batch_spec.py).
+
+Decoding of the stored JPEGs happens in the TFDS data source; here strings
+are tokenized, media are stacked and padded, and the masked-task masks drawn.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from m5p.data import batch_spec, masking
+from m5p.data.tokenizer import CLS_ID, Tokenizer
+from m5p.modalities import INDEX
+
+
+def _text(value: Any) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8", errors="replace")
+  return str(value)
+
+
+class Preprocessor:
+  """Callable `(record, rng) -> example`; picklable (the tokenizer loads lazily)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer_path: str, *, train: bool):
+    self.d = config.data
+    self.patch = config.model.patch_size
+    self.audio_patch = tuple(config.model.audio_patch)
+    self.audio_grid = batch_spec.audio_grid(config)
+    self.num_image_patches = batch_spec.num_image_patches(config)
+    self.mask_prob = float(config.loss.mask_prob) if train else 0.0
+    self.tokenizer_path = tokenizer_path
+    self._tokenizer: Tokenizer | None = None
+
+  @property
+  def tokenizer(self) -> Tokenizer:
+    if self._tokenizer is None:
+      self._tokenizer = Tokenizer(self.tokenizer_path)
+    return self._tokenizer
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_tokenizer"] = None
+    return state
+
+  def __call__(self, indexed_record: tuple[int, dict], rng: np.random.Generator) -> dict:
+    index, record = indexed_record
+    ex: dict[str, np.ndarray] = {}
+    present = np.zeros(5, bool)
+    present[INDEX["text"]] = self._text(record, rng, ex)
+    present[INDEX["table"]] = self._table(record, rng, ex)
+    present[INDEX["image"]] = self._image(record, rng, ex)
+    present[INDEX["video"]] = self._video(record, rng, ex)
+    present[INDEX["audio"]] = self._audio(record, rng, ex)
+    ex["present"] = present
+    ex["label"] = np.int32(record["label"])
+    ex["fine_group"] = np.int32(record["fine_group_id"])
+    ex["index"] = np.int32(index)
+    return ex
+
+  # --- text and table ---------------------------------------------------
+  def _text(self, record: dict, rng: np.random.Generator, ex: dict) -> bool:
+    length = self.d.text_len
+    tokens = self.tokenizer.encode(_text(record["title"]).strip())[: length - 1]
+    ids = np.zeros(length, np.int32)
+    ids[0] = CLS_ID
+    ids[1: 1 + len(tokens)] = tokens
+    valid = np.arange(length) < 1 + len(tokens)
+    masked, picked = masking.mlm(ids, valid, rng, self.mask_prob, self.d.vocab_size)
+    present = bool(tokens)
+    ex["text_ids"] = masked
+    ex["text_mask"] = valid & present
+    ex["text_targets"] = ids
+    ex["text_loss_mask"] = picked & present
+    return present
+
+  def _table(self, record: dict, rng: np.random.Generator, ex: dict) -> bool:
+    length, max_fields = self.d.table_len, self.d.max_fields
+    ids, segment, field = [CLS_ID], [0], [0]
+    num_fields = 0
+    for f, (key, value) in enumerate(zip(record["table_keys"], record["table_values"])):
+      if len(ids) >= length:
+        break
+      f = min(f, max_fields - 1)
+      for seg, text in ((1, key), (2, value)):
+        toks = self.tokenizer.encode(_text(text).strip())
+        ids += toks
+        segment += [seg] * len(toks)
+        field += [f] * len(toks)
+      num_fields = f + 1
+    ids, segment, field = (np.asarray(x[:length], np.int32) for x in (ids, segment, field))
+    pad = length - len(ids)
+    ids, segment, field = (np.pad(x, (0, pad)) for x in (ids, segment, field))
+    valid = np.arange(length) < length - pad
+    masked, picked = masking.mem(ids, segment, field, num_fields, rng, self.mask_prob)
+    present = num_fields > 0 and bool((segment > 0).any())
+    ex["table_ids"] = masked
+    ex["table_mask"] = valid & present
+    ex["table_segment"] = segment
+    ex["table_field"] = field
+    ex["table_targets"] = ids
+    ex["table_loss_mask"] = picked & present
+    return present
+
+  # --- media ------------------------------------------------------------
+  def _resized(self, image: np.ndarray) -> np.ndarray:
+    s = self.d.image_size
+    if image.shape[:2] == (s, s):
+      return image
+    return np.asarray(Image.fromarray(image).resize((s, s), Image.BILINEAR))
+
+  def _image(self, record: dict, rng: np.random.Generator, ex: dict) -> bool:
+    s = self.d.image_size
+    images = record["image"]
+    present = len(images) > 0
+    ex["image"] = self._resized(np.asarray(images[0])) if present else np.zeros((s, s, 3), np.uint8)
+    valid = np.full(self.num_image_patches, present)
+    ex["image_zero"], ex["image_loss_mask"] = masking.zero_tokens(valid, rng, self.mask_prob)
+    return present
+
+  def _video(self, record: dict, rng: np.random.Generator, ex: dict) -> bool:
+    s, t = self.d.image_size, self.d.max_frames
+    frames = [self._resized(np.asarray(f)) for f in list(record["video"])[:t]]
+    video = np.zeros((t, s, s, 3), np.uint8)
+    if frames:
+      video[: len(frames)] = np.stack(frames)
+    valid = np.arange(t) < len(frames)
+    ex["video"] = video
+    ex["video_mask"] = valid
+    ex["video_zero"], ex["video_loss_mask"] = masking.zero_tokens(valid, rng, self.mask_prob)
+    return bool(frames)
+
+  def _audio(self, record: dict, rng: np.random.Generator, ex: dict) -> bool:
+    frames, n_mels = self.d.audio_frames, self.d.n_mels
+    mel = np.asarray(record["audio"], np.float32)[:frames]
+    audio = np.zeros((frames, n_mels), np.float32)
+    present = mel.shape[0] > 0 and mel.shape[1] == n_mels
+    if present:
+      mean, std = mel.mean(), mel.std() + 1e-5  # Per-clip standardisation.
+      audio[: mel.shape[0]] = (mel - mean) / std
+    gt, gf = self.audio_grid
+    t_valid = np.arange(gt) * self.audio_patch[0] < (mel.shape[0] if present else 0)
+    valid = np.repeat(t_valid, gf)  # Patches ordered time-major, then mel.
+    ex["audio"] = audio
+    ex["audio_mask"] = valid
+    ex["audio_zero"], ex["audio_loss_mask"] = masking.zero_tokens(valid, rng, self.mask_prob)
+    return present

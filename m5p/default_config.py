@@ -1,0 +1,85 @@
+"""Every config field m5p reads, with defaults; files in configs/ override a few.
+
+Configs are Python files exposing `get_config()`; they start from
+`default_config.get_config()` and change what differs, so a field added here
+is available to every config and overridable with `--config.x=y`.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 64  # Global batch, across all processes and devices.
+  c.log_every = 10
+  c.ckpt_every = 200
+  c.eval_every = 0  # 0: evaluate once, at the end.
+  c.keep_checkpoints = 2
+  c.async_checkpointing = True
+
+  # Device mesh: sizes of the `data`, `fsdp` and `model` axes; -1 = the rest.
+  # num_devices: how many of the visible devices to use (-1: all).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, num_devices=-1))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ""  # Converted dataset (holds manifest.json). Empty: synthetic default in the workdir.
+  c.data.raw_dir = ""  # Raw M5Product layout to convert when `dir` has no dataset yet.
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.synthetic_products = 1200  # Size of the generated set when no data is configured.
+  c.data.synthetic_seed = 0
+  c.data.num_shards = 4  # ArrayRecord shards per split written by the converter.
+  c.data.worker_count = 0  # Grain worker processes (0: in-process).
+  c.data.read_threads = 2  # Threads decoding examples in-process.
+  c.data.prefetch = 4  # Batches prefetched.
+  # Shapes fixed at batching time.
+  c.data.image_size = 32  # Also the resolution the converter stores images and frames at.
+  c.data.max_frames = 4  # Video frames (1 fps) kept.
+  c.data.audio_frames = 128  # Log-mel frames kept (16 kHz, hop 256: 62.5 frames/s).
+  c.data.n_mels = 80
+  c.data.max_audio_seconds = 12.0
+  c.data.text_len = 32
+  c.data.table_len = 48
+  c.data.max_fields = 16  # Key/value pairs given a field-index embedding.
+  c.data.vocab_size = 2000  # SentencePiece vocabulary trained by the converter.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.width = 64
+  c.model.heads = 4
+  c.model.mlp_ratio = 4
+  c.model.text_layers = 2  # Text and table stack(s).
+  c.model.image_layers = 2
+  c.model.video_layers = 1  # Temporal layers on top of per-frame image embeddings.
+  c.model.audio_layers = 2
+  c.model.fusion_layers = 2  # Joint co-transformer.
+  c.model.proj_dim = 64  # Contrastive space (authors: 1024).
+  c.model.patch_size = 8
+  c.model.audio_patch = (32, 16)  # (time frames, mel bins) per audio token.
+  c.model.dropout = 0.0
+  c.model.share_text_table = True  # Authors: text and table share one stack.
+  c.model.video_uses_image_stack = True  # Authors: video reuses the image stack.
+  c.model.missing = "mask"  # 'mask' (m5p) or 'zeros' (authors: zeros fed and attended).
+  c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.harmonization = "per_sample_logits"  # | 'pair_loss_weights' | 'uniform'
+  c.loss.infonce = "clip"  # | 'ntxent'
+  c.loss.temperature = 0.07
+  c.loss.contrastive_weight = 1.0
+  c.loss.masked_weight = 1.0  # Multiplies each of the five masked-task losses.
+  c.loss.mask_prob = 0.15
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.warmup_frac = 0.1
+  c.optim.schedule = "cosine"  # | 'linear'
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.grad_clip = 1.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 128
+  c.eval.ks = (1, 5, 10)
+  return c

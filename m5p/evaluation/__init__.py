@@ -1,0 +1,1 @@
+"""Downstream evaluation: retrieval (and, later, classification and clustering)."""

@@ -1,0 +1,48 @@
+"""The pretraining objective: harmonized contrastive + the five masked tasks.
+
+  loss = contrastive_weight * contrastive + masked_weight * (mlm + mem + mrm + mfm + mam)
+
+(authors: both weights 1, SCALE.md section 4).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from m5p.losses.contrastive import harmonized_contrastive
+from m5p.losses.masked import masked_losses
+from m5p.modalities import MODALITIES, PAIR_NAMES, PAIRS
+
+MASKED_TASKS = ("mlm", "mem", "mrm", "mfm", "mam")  # One per modality, MODALITIES order.
+
+
+def compute_loss(outputs: dict, batch: dict, config: ml_collections.ConfigDict
+                 ) -> tuple[jax.Array, dict]:
+  """(loss, metrics). Metrics (scalars):
+    loss, contrastive, mlm, mem, mrm, mfm, mam
+    w/<i>-<j>      batch mean of G_b[i, j] (contrastive harmonization), PAIR_NAMES
+    w/<m>          batch mean of G_b[m, m] (the contrastive self-weight)
+    pair/<i>-<j>   that pair's InfoNCE
+    mw/<m>         mean masked-task weight (stop-gradient G_b[m, m] from the JCT)
+                   over samples holding m
+  """
+  lc = config.loss
+  contrastive, aux = harmonized_contrastive(
+      outputs["z"], outputs["present"], mode=lc.harmonization, infonce=lc.infonce,
+      temperature=lc.temperature)
+  masked = masked_losses(outputs, batch, config)
+  masked_sum = sum(masked[k] for k in MASKED_TASKS)
+  loss = lc.contrastive_weight * contrastive + lc.masked_weight * masked_sum
+
+  metrics = {"loss": loss, "contrastive": contrastive}
+  metrics.update({k: masked[k] for k in MASKED_TASKS})
+  for p, (i, j) in enumerate(PAIRS):
+    metrics[f"w/{PAIR_NAMES[p]}"] = aux["weights"][i, j]
+    metrics[f"pair/{PAIR_NAMES[p]}"] = aux["pair_losses"][p]
+  presf = jnp.asarray(outputs["present"], jnp.float32)
+  mw = jnp.sum(masked["weights"] * presf, axis=0) / jnp.maximum(jnp.sum(presf, axis=0), 1.0)
+  for m, name in enumerate(MODALITIES):
+    metrics[f"w/{name}"] = aux["weights"][m, m]
+    metrics[f"mw/{name}"] = mw[m]
+  return loss, metrics

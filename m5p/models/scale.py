@@ -1,0 +1,196 @@
+"""SCALE: five unimodal towers, then a joint co-transformer (JCT) over all tokens.
+
+    outputs = ScaleModel(config).apply(params, batch, train=False)
+
+Outputs (B batch, D = config.model.width, P = config.model.proj_dim):
+  present      [B, 5] bool    presence mask used (batch['present'])
+  unimodal     [B, 5, D]      each tower's CLS output
+  z            [B, 5, P]      contrastive embeddings z_m = ReLU(W_m h_m) (not normalised)
+  pooled       [B, 5, D]      JCT output at each modality segment's first token
+  fused        [B, D]         sum of `pooled` over present modalities (retrieval feature)
+  mlm_logits   [B, Lt, V]     LM head on the JCT text tokens
+  mem_logits   [B, Lp, V]     same head on the JCT table tokens
+  mrm_pred     [B, Ni, p*p*3] image patches (JCT image tokens after the CLS)
+  mfm_pred     [B, T, F_v]    per-frame coarse targets, F_v = towers.mfm_target_dim(config)
+  mam_pred     [B, Na, pt*pf] log-mel patches
+All float32. Every output row or slice of an absent modality is exactly zero.
+
+Missing modalities (config.model.missing):
+  'mask'  (m5p): an absent modality's tokens are masked out of the JCT's keys
+          and all its outputs are zeroed, so whatever its inputs hold has no
+          effect on any output or loss.
+  'zeros' (authors): its inputs are replaced by zeros (token ids -> PAD 0,
+          normalised pixels / log-mel -> 0) and its whole segment is attended
+          in its tower and the JCT. Its own outputs are still zeroed.
+
+The JCT adds a learned modality-type embedding to each segment; the towers
+already carry positions, so the JCT adds no positions of its own.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from m5p.data import batch_spec
+from m5p.modalities import MODALITIES, NUM_MODALITIES
+from m5p.models import layers, towers
+
+
+class ScaleModel(nn.Module):
+  config: ml_collections.ConfigDict
+
+  def setup(self):
+    c, m = self.config, self.config.model
+    if m.missing not in ("mask", "zeros"):
+      raise ValueError(f"config.model.missing={m.missing!r}: expected 'mask' or 'zeros'")
+    self.dtype = layers.compute_dtype(m.dtype)
+    d, heads, r, drop = m.width, m.heads, m.mlp_ratio, m.dropout
+
+    def encoder(n):
+      return layers.Encoder(n, heads, r, self.dtype, drop)
+
+    self.word_embed = nn.Embed(
+        c.data.vocab_size, d, dtype=self.dtype, param_dtype=jnp.float32,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("vocab", "embed")))
+    # Shared modules are attributes here, passed to the towers; an unshared
+    # table stack is created unbound and adopted by the table tower.
+    self.text_stack = encoder(m.text_layers)
+    table_stack = self.text_stack if m.share_text_table else encoder(m.text_layers)
+    self.text = towers.TextTower(self.word_embed, self.text_stack, c.data.text_len, d, self.dtype, drop)
+    self.table = towers.TableTower(self.word_embed, table_stack, c.data.table_len,
+                                   c.data.max_fields, d, self.dtype, drop)
+    self.image = towers.ImageTower(c.data.image_size, m.patch_size, m.image_layers, d, heads, r,
+                                   self.dtype, drop)
+    if not m.video_uses_image_stack:
+      self.video_frames = towers.ImageTower(c.data.image_size, m.patch_size, m.image_layers, d,
+                                            heads, r, self.dtype, drop)
+    self.video = towers.VideoTower(c.data.max_frames, m.video_layers, d, heads, r, self.dtype, drop)
+    self.audio = towers.AudioTower(tuple(m.audio_patch), m.audio_layers, d, heads, r, self.dtype, drop)
+
+    # One projection per modality, in MODALITIES order (params proj_0 .. proj_4).
+    self.proj = [layers.dense(m.proj_dim, "embed", "proj", jnp.float32) for _ in MODALITIES]
+    self.type_embed = layers.LearnedEmbedding(NUM_MODALITIES, d)
+    self.jct = encoder(m.fusion_layers)
+
+    # Masked-task heads on the JCT tokens. The LM head (MLM and MEM) is a
+    # BERT-style transform then logits tied to the word embedding + a bias.
+    self.lm_dense = layers.dense(d, "embed", None, self.dtype)
+    self.lm_norm = layers.layer_norm(self.dtype)
+    self.lm_bias = self.param("lm_bias", layers.zeros_init(("vocab",)), (c.data.vocab_size,),
+                              jnp.float32)
+    p, (pt, pf) = m.patch_size, m.audio_patch
+    self.mrm_head = layers.dense(p * p * 3, "embed", "patch", self.dtype)
+    self.mfm_head = layers.dense(towers.mfm_target_dim(c), "embed", "patch", self.dtype)
+    self.mam_head = layers.dense(pt * pf, "embed", "patch", self.dtype)
+
+  # ---------------------------------------------------------------------------
+  def _lm_logits(self, x: jax.Array) -> jax.Array:
+    h = self.lm_norm(nn.gelu(self.lm_dense(x)))
+    logits = self.word_embed.attend(h).astype(jnp.float32) + self.lm_bias
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def __call__(self, batch: dict, *, train: bool) -> dict:
+    m = self.config.model
+    zeros_mode = m.missing == "zeros"
+    present = jnp.asarray(batch["present"], bool)
+    pres = [present[:, i] for i in range(NUM_MODALITIES)]
+
+    def fill(x, i):
+      """'zeros' mode: an absent modality's input replaced by zeros."""
+      if not zeros_mode:
+        return x
+      return jnp.where(pres[i].reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
+
+    def tower_mask(mask, i):
+      """'zeros' mode: an absent modality's whole segment is attended (authors)."""
+      mask = jnp.asarray(mask, bool)
+      return jnp.where(pres[i][:, None], mask, True) if zeros_mode else mask
+
+    # Text and table: one call of the shared stack on both (one compiled copy).
+    text_args = (fill(batch["text_ids"], 0), tower_mask(batch["text_mask"], 0))
+    table_args = (fill(batch["table_ids"], 1), tower_mask(batch["table_mask"], 1),
+                  fill(batch["table_segment"], 1), fill(batch["table_field"], 1))
+    if m.share_text_table:
+      text_x, text_km = self.text.embed_tokens(*text_args, train=train)
+      table_x, table_km = self.table.embed_tokens(*table_args, train=train)
+      text_tokens, table_tokens = towers.run_stacked(
+          self.text_stack, [(text_x, text_km), (table_x, table_km)], train=train)
+    else:
+      text_tokens, text_km = self.text(*text_args, train=train)
+      table_tokens, table_km = self.table(*table_args, train=train)
+
+    # Image and video frames: each frame through the image tower (shared by
+    # default, then in the same call as the image: [B, 1 + T] images).
+    image = fill(towers.normalize_pixels(batch["image"]), 2)  # [B, H, W, 3]
+    image_zero = jnp.asarray(batch["image_zero"], bool)  # [B, Ni]
+    frames = towers.video_frames_pixels(fill(towers.normalize_pixels(batch["video"]), 3),
+                                        jnp.asarray(batch["video_zero"], bool))  # [B, T, H, W, 3]
+    b, t = frames.shape[:2]
+    if m.video_uses_image_stack:
+      pixels = jnp.concatenate([image[:, None], frames], axis=1)  # [B, 1 + T, H, W, 3]
+      zero = jnp.concatenate(
+          [image_zero[:, None], jnp.zeros((b, t, image_zero.shape[1]), bool)], axis=1)
+      out, _ = self.image(pixels.reshape(b * (1 + t), *pixels.shape[2:]),
+                          zero.reshape(b * (1 + t), -1), train=train)
+      out = out.reshape(b, 1 + t, *out.shape[1:])
+      image_tokens, frame_tokens = out[:, 0], out[:, 1:, 0]
+    else:
+      image_tokens, _ = self.image(image, image_zero, train=train)
+      out, _ = self.video_frames(frames.reshape(b * t, *frames.shape[2:]), None, train=train)
+      frame_tokens = out[:, 0].reshape(b, t, -1)
+    image_km = jnp.ones(image_tokens.shape[:2], bool)
+    video_tokens, video_km = self.video(frame_tokens, tower_mask(batch["video_mask"], 3),
+                                        train=train)
+    audio = fill(jnp.asarray(batch["audio"], jnp.float32), 4)
+    audio_tokens, audio_km = self.audio(
+        audio, tower_mask(batch["audio_mask"], 4), jnp.asarray(batch["audio_zero"], bool),
+        train=train)
+
+    tokens = [text_tokens, table_tokens, image_tokens, video_tokens, audio_tokens]
+    key_masks = [text_km, table_km, image_km, video_km, audio_km]
+    lengths = [tok.shape[1] for tok in tokens]
+    starts = [sum(lengths[:i]) for i in range(NUM_MODALITIES)]
+
+    def keep(y, i):
+      """y (per-sample, batch-leading) where modality i is present, else exactly 0."""
+      return jnp.where(pres[i].reshape((-1,) + (1,) * (y.ndim - 1)), y.astype(jnp.float32), 0.0)
+
+    unimodal = jnp.stack([keep(tok[:, 0], i) for i, tok in enumerate(tokens)], axis=1)
+    z = jnp.stack([keep(nn.relu(self.proj[i](unimodal[:, i])), i) for i in range(NUM_MODALITIES)],
+                  axis=1)
+
+    # Joint co-transformer over text | table | image | video | audio.
+    type_emb = self.type_embed().astype(self.dtype)
+    x = jnp.concatenate([tok.astype(self.dtype) + type_emb[i] for i, tok in enumerate(tokens)],
+                        axis=1)
+    if zeros_mode:
+      jct_mask = jnp.concatenate(key_masks, axis=1)
+    else:
+      jct_mask = jnp.concatenate([km & pres[i][:, None] for i, km in enumerate(key_masks)], axis=1)
+    x = self.jct(layers.constrain(x), jct_mask, train=train)
+    segs = [x[:, s:s + n] for s, n in zip(starts, lengths)]
+
+    pooled = jnp.stack([keep(seg[:, 0], i) for i, seg in enumerate(segs)], axis=1)
+    lm_logits = self._lm_logits(x[:, :lengths[0] + lengths[1]])  # Text and table segments.
+
+    return {
+        "present": present,
+        "unimodal": unimodal,
+        "z": z,
+        "pooled": pooled,
+        "fused": pooled.sum(axis=1),
+        "mlm_logits": keep(lm_logits[:, :lengths[0]], 0),
+        "mem_logits": keep(lm_logits[:, lengths[0]:], 1),
+        "mrm_pred": keep(self.mrm_head(segs[2][:, 1:]), 2),
+        "mfm_pred": keep(self.mfm_head(segs[3][:, 1:]), 3),
+        "mam_pred": keep(self.mam_head(segs[4][:, 1:]), 4),
+    }
+
+
+def init_batch(config: ml_collections.ConfigDict, batch_size: int = 2) -> dict:
+  """Zero arrays with the batch layout, for `model.init` / `jax.eval_shape`."""
+  return {k: jnp.zeros(shape, dtype) for k, (shape, dtype)
+          in batch_spec.batch_shapes(config, batch_size).items()}

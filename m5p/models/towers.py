@@ -1,0 +1,255 @@
+"""The five unimodal towers (SCALE.md section 2, "m5p decision" column).
+
+Each tower maps its batch fields to `(tokens [B, L_m, D], key_mask [B, L_m])`
+with its [CLS] at position 0 and `key_mask[:, 0]` True. The key mask marks
+real tokens only; `ScaleModel` combines it with modality presence.
+
+Token orders (the data pipeline's masks follow them):
+  image patches  row-major over the (H/p, W/p) grid: index = row * (W/p) + col;
+                 each patch flattened as (pixel row, pixel col, channel).
+  audio patches  time-major over the (Ta/pt, F/pf) grid: index = t * (F/pf) + f;
+                 each patch flattened as (frame, mel bin).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from m5p.models import layers
+
+Dtype = Any
+
+
+# Video frames' MFM target: each frame average-pooled to a g x g RGB grid
+# (see m5p.losses.masked); the model's MFM head predicts these g*g*3 values.
+VIDEO_TARGET_GRID = 4
+
+
+def video_target_grid(config) -> int:
+  """The largest g <= VIDEO_TARGET_GRID dividing the image size."""
+  size = config.data.image_size
+  return max(g for g in range(1, VIDEO_TARGET_GRID + 1) if size % g == 0)
+
+
+def mfm_target_dim(config) -> int:
+  """F_v, the width of the per-frame MFM target and prediction."""
+  return video_target_grid(config) ** 2 * 3
+
+
+# ---------------------------------------------------------------- patchify --
+
+def patchify_image(images: jax.Array, patch: int) -> jax.Array:
+  """[..., H, W, C] -> [..., (H/p)*(W/p), p*p*C], row-major patches."""
+  *lead, h, w, c = images.shape
+  if h % patch or w % patch:
+    raise ValueError(f"image {h}x{w} is not divisible by patch_size {patch}")
+  gh, gw = h // patch, w // patch
+  x = images.reshape(*lead, gh, patch, gw, patch, c)
+  n = len(lead)
+  x = jnp.moveaxis(x, n + 2, n + 1)  # [..., gh, gw, p, p, c]
+  return x.reshape(*lead, gh * gw, patch * patch * c)
+
+
+def patchify_audio(logmel: jax.Array, patch: tuple[int, int]) -> jax.Array:
+  """[B, Ta, F] -> [B, (Ta/pt)*(F/pf), pt*pf], time-major patches."""
+  b, t, f = logmel.shape
+  pt, pf = patch
+  if t % pt or f % pf:
+    raise ValueError(f"audio {t}x{f} is not divisible by audio_patch {patch}")
+  x = logmel.reshape(b, t // pt, pt, f // pf, pf)
+  x = jnp.swapaxes(x, 2, 3)  # [B, gt, gf, pt, pf]
+  return x.reshape(b, (t // pt) * (f // pf), pt * pf)
+
+
+def normalize_pixels(images: jax.Array) -> jax.Array:
+  """uint8 [0, 255] -> float32 [-1, 1]."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def _with_cls(cls: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Prepends a learned [D] (or [1, D]) CLS to tokens [B, L, D]."""
+  b, _, d = tokens.shape
+  cls = jnp.broadcast_to(cls.reshape(1, 1, d).astype(tokens.dtype), (b, 1, d))
+  return jnp.concatenate([cls, tokens], axis=1)
+
+
+def _true_first(mask: jax.Array) -> jax.Array:
+  """[B, L] -> [B, L] with column 0 forced True (the CLS is always attendable)."""
+  return mask.at[:, 0].set(True)
+
+
+def run_stacked(stack: nn.Module, inputs: list[tuple[jax.Array, jax.Array]], *,
+                train: bool) -> list[jax.Array]:
+  """Runs one (shared) stack on several sequences in one call.
+
+  inputs: [(x [B, L_k, D], key_mask [B, L_k]), ...]. The sequences are padded
+  (masked) to the longest, stacked as [B, K, L, D] and flattened to [B*K, L, D]:
+  the batch axis stays the leading factor, so a batch-sharded input stays
+  sharded without any resharding. One call means one copy of the stack in the
+  compiled program. Returns the outputs [B, L_k, D], padding removed."""
+  length = max(x.shape[1] for x, _ in inputs)
+  xs, ms = [], []
+  for x, m in inputs:
+    pad = length - x.shape[1]
+    xs.append(jnp.pad(x, ((0, 0), (0, pad), (0, 0))))
+    ms.append(jnp.pad(m, ((0, 0), (0, pad))))
+  b, k, d = xs[0].shape[0], len(inputs), xs[0].shape[-1]
+  x = jnp.stack(xs, axis=1).reshape(b * k, length, d)
+  m = jnp.stack(ms, axis=1).reshape(b * k, length)
+  y = stack(layers.constrain(x), m, train=train).reshape(b, k, length, -1)
+  return [y[:, i, :xi.shape[1]] for i, (xi, _) in enumerate(inputs)]
+
+
+# -------------------------------------------------------------------- text --
+
+class TextTower(nn.Module):
+  """Token embedding (shared with the table) + learned positions + stack.
+
+  `text_ids[:, 0]` is [CLS] (the pipeline puts it there)."""
+  word_embed: nn.Module  # nn.Embed, shared with TableTower and the LM head.
+  stack: nn.Module  # layers.Encoder, shared with TableTower by default.
+  max_len: int
+  width: int
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+
+  @nn.compact
+  def embed_tokens(self, ids: jax.Array, mask: jax.Array, *, train: bool):
+    """The input of the stack: (x [B, Lt, D], key_mask [B, Lt])."""
+    length = ids.shape[1]
+    pos = layers.LearnedEmbedding(self.max_len, self.width, name="pos")()[:length]
+    x = self.word_embed(ids) + pos.astype(self.dtype)[None]
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    return layers.constrain(x), _true_first(mask)
+
+  def __call__(self, ids: jax.Array, mask: jax.Array, *, train: bool):
+    x, key_mask = self.embed_tokens(ids, mask, train=train)
+    return self.stack(x, key_mask, train=train), key_mask
+
+
+class TableTower(nn.Module):
+  """Table tokens: shared word embedding + own positions + key/value segment
+  embedding (0 CLS/pad, 1 key, 2 value) + field-index embedding."""
+  word_embed: nn.Module
+  stack: nn.Module
+  max_len: int
+  max_fields: int
+  width: int
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+
+  @nn.compact
+  def embed_tokens(self, ids, mask, segment, field, *, train: bool):
+    length = ids.shape[1]
+    pos = layers.LearnedEmbedding(self.max_len, self.width, name="pos")()[:length]
+    seg = layers.LearnedEmbedding(3, self.width, name="segment")()
+    fld = layers.LearnedEmbedding(self.max_fields, self.width, name="field")()
+    x = (self.word_embed(ids) + pos.astype(self.dtype)[None]
+         + jnp.take(seg, jnp.clip(segment, 0, 2), axis=0).astype(self.dtype)
+         + jnp.take(fld, jnp.clip(field, 0, self.max_fields - 1), axis=0).astype(self.dtype))
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    return layers.constrain(x), _true_first(mask)
+
+  def __call__(self, ids, mask, segment, field, *, train: bool):
+    x, key_mask = self.embed_tokens(ids, mask, segment, field, train=train)
+    return self.stack(x, key_mask, train=train), key_mask
+
+
+# ------------------------------------------------------------------- image --
+
+class ImageTower(nn.Module):
+  """ViT: patch stem (reshape + dense) on normalised pixels, learned [CLS] and
+  positions, `layers` blocks. Patches flagged in `zero` are zeroed before the
+  stem (MRM). Also encodes video frames when the video reuses it."""
+  image_size: int
+  patch_size: int
+  layers: int
+  width: int
+  heads: int
+  mlp_ratio: int = 4
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, pixels: jax.Array, zero: jax.Array | None, *, train: bool):
+    """pixels: [N, H, W, 3] float (already normalised); zero: [N, Ni] bool or None."""
+    patches = patchify_image(pixels, self.patch_size)  # [N, Ni, p*p*3]
+    if zero is not None:
+      patches = jnp.where(zero[..., None], 0.0, patches)
+    x = layers.dense(self.width, "patch", "embed", self.dtype, name="stem")(patches.astype(self.dtype))
+    cls = layers.LearnedEmbedding(1, self.width, name="cls")()
+    pos = layers.LearnedEmbedding(x.shape[1] + 1, self.width, name="pos")()
+    x = _with_cls(cls, x) + pos.astype(self.dtype)[None]
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    key_mask = jnp.ones(x.shape[:2], bool)
+    x = layers.Encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout,
+                       name="stack")(layers.constrain(x), key_mask, train=train)
+    return x, key_mask
+
+
+# ------------------------------------------------------------------- video --
+
+class VideoTower(nn.Module):
+  """Temporal part of the video tower. Each frame goes through the image tower
+  first (shared weights by default; see `video_frames_pixels` and ScaleModel),
+  and each frame's CLS becomes a frame token; this adds a learned video [CLS]
+  and frame positions and runs `layers` temporal blocks; the key mask is the
+  video_mask (plus the CLS)."""
+  max_frames: int
+  layers: int
+  width: int
+  heads: int
+  mlp_ratio: int = 4
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, frame_tokens, frame_mask, *, train: bool):
+    """frame_tokens: [B, T, D] per-frame CLS; frame_mask: [B, T] bool."""
+    b, t = frame_tokens.shape[:2]
+    cls = layers.LearnedEmbedding(1, self.width, name="cls")()
+    pos = layers.LearnedEmbedding(self.max_frames + 1, self.width, name="pos")()[:t + 1]
+    x = _with_cls(cls, frame_tokens.astype(self.dtype)) + pos.astype(self.dtype)[None]
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    key_mask = jnp.concatenate([jnp.ones((b, 1), bool), frame_mask], axis=1)
+    x = layers.Encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout,
+                       name="stack")(layers.constrain(x), key_mask, train=train)
+    return x, key_mask
+
+
+def video_frames_pixels(video: jax.Array, zero: jax.Array) -> jax.Array:
+  """Normalised frames [B, T, H, W, 3] with the frames flagged in `zero` [B, T]
+  set to 0 (MFM: the whole frame is masked at the input)."""
+  return jnp.where(zero[:, :, None, None, None], 0.0, video)
+
+
+# ------------------------------------------------------------------- audio --
+
+class AudioTower(nn.Module):
+  """Log-mel [Ta, F] cut into (pt, pf) patches -> dense -> tokens; patches
+  flagged in `zero` zeroed (MAM); learned [CLS] and positions; `layers` blocks."""
+  audio_patch: tuple[int, int]
+  layers: int
+  width: int
+  heads: int
+  mlp_ratio: int = 4
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, logmel, patch_mask, zero, *, train: bool):
+    """logmel: [B, Ta, F] float; patch_mask, zero: [B, Na] bool."""
+    patches = patchify_audio(logmel.astype(jnp.float32), tuple(self.audio_patch))
+    patches = jnp.where(zero[..., None], 0.0, patches)
+    x = layers.dense(self.width, "patch", "embed", self.dtype, name="stem")(patches.astype(self.dtype))
+    cls = layers.LearnedEmbedding(1, self.width, name="cls")()
+    pos = layers.LearnedEmbedding(x.shape[1] + 1, self.width, name="pos")()
+    x = _with_cls(cls, x) + pos.astype(self.dtype)[None]
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    key_mask = jnp.concatenate([jnp.ones((x.shape[0], 1), bool), patch_mask], axis=1)
+    x = layers.Encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout,
+                       name="stack")(layers.constrain(x), key_mask, train=train)
+    return x, key_mask

@@ -1,0 +1,163 @@
+"""The training loop: one readable function, top to bottom.
+
+mesh -> input pipeline -> model, optimizer, sharded state -> jitted step ->
+restore the latest checkpoint if any -> loop (log, checkpoint, evaluate) ->
+final evaluation.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+
+from m5p import checkpointing, optim, sharding
+from m5p.data import pipeline
+from m5p.evaluation import embed as embed_lib
+from m5p.evaluation import evaluator
+from m5p.losses.total import compute_loss
+from m5p.metrics_writer import MetricsWriter
+from m5p.models.scale import ScaleModel
+from m5p.state import TrainState, abstract_state, create_sharded_state, num_params
+
+log = logging.getLogger("m5p")
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    config: ml_collections.ConfigDict):
+  base_rng = jax.random.key(config.seed + 7)
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    dropout_rng = jax.random.fold_in(base_rng, state.step)  # Depends on the step only: resumable.
+
+    def loss_fn(params):
+      out = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_rng})
+      return compute_loss(out, batch, config)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, lr=schedule(state.step), grad_norm=optax.global_norm(grads))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def _to_device(batch: dict, batch_shard) -> dict:
+  return {k: jax.make_array_from_process_local_data(batch_shard, v) for k, v in batch.items()}
+
+
+def evaluate(model, state, config, mesh, state_shardings, data_dir: str, workdir: str,
+             embed_fn=None) -> dict:
+  embed_fn = embed_fn or embed_lib.make_embed_fn(model, mesh, state_shardings.params)
+  emb = embed_lib.embed_split(embed_fn, state.params, config, mesh, data_dir, config.data.eval_split)
+  results = evaluator.evaluate_embeddings(emb, data_dir, tuple(config.eval.ks), seed=config.seed)
+  step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    evaluator.write_eval(workdir, results, step)
+  return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
+                       stop_after: int | None = None) -> dict:
+  """Trains SCALE on `data_dir` per `config`, checkpointing to and resuming from `workdir`.
+
+  `stop_after`: leave after that step (checkpointed), as a preempted job would,
+  without the final evaluation; a later call on the same workdir resumes.
+  """
+  # ---- Mesh ----------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  if config.batch_size % sharding.num_batch_shards(mesh):
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the data x fsdp "
+                     f"size {sharding.num_batch_shards(mesh)} of mesh {dict(mesh.shape)}.")
+  log.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape), mesh.size,
+           jax.devices()[0].platform, jax.process_count())
+  batch_shard = sharding.batch_sharding(mesh)
+
+  # ---- Input ---------------------------------------------------------------
+  train_iter = iter(pipeline.train_dataset(config, data_dir))
+
+  # ---- Model, optimizer, sharded state --------------------------------------
+  model = ScaleModel(config)
+  tx, schedule = optim.make_optimizer(config)
+  state, state_shardings = create_sharded_state(model, tx, config, mesh)
+  log.info("Model: %.2fM parameters.", num_params(state.params) / 1e6)
+
+  # ---- Jitted step -----------------------------------------------------------
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    step_fn = jax.jit(make_train_step(model, tx, schedule, config),
+                      in_shardings=(state_shardings, batch_shard),
+                      out_shardings=(state_shardings, sharding.replicated(mesh)),
+                      donate_argnums=0)
+
+  # ---- Restore ---------------------------------------------------------------
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                    async_save=config.async_checkpointing)
+  start = ckpt.latest_step()
+  if start is not None:
+    target = abstract_state(state_shardings, model, tx, config)
+    state, meta = ckpt.restore(start, target, train_iter)
+    log.info("Resumed from step %d (%s).", start, ckpt.directory)
+  start = int(jax.device_get(state.step))
+
+  # ---- Loop --------------------------------------------------------------------
+  writer = MetricsWriter(workdir)
+  embed_fn = embed_lib.make_embed_fn(model, mesh, state_shardings.params)
+  total = int(config.total_steps)
+  window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+  results = {}
+  for step in range(start + 1, total + 1):
+    t0 = time.perf_counter()
+    batch = next(train_iter)
+    window_wait += time.perf_counter() - t0
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+      state, metrics = step_fn(state, _to_device(batch, batch_shard))
+    window_steps += 1
+
+    if step % config.log_every == 0 or step == total:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not math.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"Loss is {metrics['loss']} at step {step}; stopping.")
+      elapsed = time.perf_counter() - window_start
+      metrics.update(examples_per_sec=window_steps * config.batch_size / elapsed,
+                     step_time=elapsed / window_steps, data_wait_frac=window_wait / elapsed)
+      writer.write(step, metrics)
+      log.info("step %d/%d  loss %.4f  contrastive %.4f  %.0f ex/s  (data wait %.0f%%)", step, total,
+               metrics["loss"], metrics.get("contrastive", float("nan")),
+               metrics["examples_per_sec"], 100 * metrics["data_wait_frac"])
+      window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+
+    if step % config.ckpt_every == 0 or step == total:
+      ckpt.save(step, state, train_iter, {"step": step, "config": config.to_json()}, force=step == total)
+
+    if stop_after is not None and step >= stop_after:
+      ckpt.save(step, state, train_iter, {"step": step, "config": config.to_json()}, force=True)
+      ckpt.close()
+      writer.close()
+      return {}
+
+    if config.eval_every and step % config.eval_every == 0 and step != total:
+      results = evaluate(model, state, config, mesh, state_shardings, data_dir, workdir, embed_fn)
+      log.info("eval @%d: %s", step, _headline(results))
+      window_start = time.perf_counter()
+
+  ckpt.wait()
+  # ---- Final evaluation ----------------------------------------------------------
+  results = evaluate(model, state, config, mesh, state_shardings, data_dir, workdir, embed_fn)
+  log.info("eval @%d: %s", total, _headline(results))
+  writer.close()
+  ckpt.close()
+  return results
+
+
+def _headline(results: dict) -> str:
+  r, b = results.get("coarse_retrieval", {}), results.get("coarse_retrieval_random", {})
+  return (f"coarse mAP@1 {r.get('mAP@1', float('nan')):.2f} (random {b.get('mAP@1', float('nan')):.2f}), "
+          f"mAP@5 {r.get('mAP@5', float('nan')):.2f}")
