@@ -6,11 +6,12 @@
               normalised per patch (mean 0, std 1 over its p*p*3 values; MAE)
   mfm  video  MSE at video_loss_mask frames (and real frames) against a coarse
               per-frame target: the frame average-pooled to a g x g RGB grid
-              (g = towers.VIDEO_TARGET_GRID = 4, or the largest divisor of the
-              image size below it), normalised per frame like the image patches. The
-              authors regress 1024-d S3D features; a pooled grid is the
-              cheapest pixel target that still asks for the frame's layout
-              and colours, not only its mean.
+              (g = towers.VIDEO_TARGET_GRID = 4, or the largest divisor of
+              the image size below it), normalised per frame like the image
+              patches (F_v = g*g*3 = 48). The authors regress 1024-d S3D
+              features; a pooled grid is the cheapest pixel target that still
+              asks for the frame's layout and colours, not only its mean.
+              Masked frames are zeroed whole at the input (pixels -> 0).
   mam  audio  MSE at audio_loss_mask patches (and real patches) against the
               (already standardised) log-mel values of the patch.
 
@@ -82,8 +83,10 @@ def cross_entropy_loss(logits: jax.Array, targets: jax.Array, picked: jax.Array,
 
 def mse_loss(pred: jax.Array, target: jax.Array, picked: jax.Array, weight: jax.Array) -> jax.Array:
   """pred, target [B, N, K], picked [B, N] bool, weight [B]: mean over K, token mean over picked."""
-  err = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
-  return _token_mean(err, picked, weight)
+  # Unpicked tokens are zeroed first, so that no value there (not even a
+  # non-finite target of an absent modality) reaches the loss or its gradient.
+  diff = jnp.where(picked[..., None], pred.astype(jnp.float32) - target.astype(jnp.float32), 0.0)
+  return _token_mean(jnp.mean(jnp.square(diff), axis=-1), picked, weight)
 
 
 def masked_losses(outputs: dict, batch: dict, config: ml_collections.ConfigDict) -> dict:

@@ -3,15 +3,15 @@
 Parameters are float32 and annotated with `nn.with_logical_partitioning`;
 `m5p.sharding` maps the logical names to mesh axes. Names used here:
 
-  embed   model width                     (rules: fsdp)
-  mlp     MLP hidden width                (rules: model)
-  heads   attention heads                 (rules: model)
-  kv      per-head width                  (replicated)
-  vocab   vocabulary rows / LM logits     (rules: model)
-  patch   flattened patch / target values (replicated)
-  norm    LayerNorm scale and bias        (replicated)
-  proj    contrastive projection width    (replicated)
-  None    positions, segment / type / field tables (replicated)
+  embed   model width
+  mlp     MLP hidden width
+  heads   attention heads
+  kv      per-head width
+  vocab   vocabulary rows / LM logits
+  patch   flattened patch / regression target values
+  norm    LayerNorm scale and bias
+  proj    contrastive projection width
+  None    positions, segment / type / field tables, the LM transform's output
 
 Activations are constrained at block boundaries to ('batch', 'length', 'embed').
 Outside a mesh and `nn.logical_axis_rules` context the constraints are no-ops.
@@ -73,6 +73,24 @@ def dense(features: int, in_axis: str | None, out_axis: str | None, dtype: Dtype
                   bias_init=zeros_init((out_axis,)), name=name)
 
 
+class _Einsum(nn.Module):
+  """y = einsum(spec, x, kernel) + bias, kernel and bias created at their real
+  rank (nn.DenseGeneral creates a flattened kernel, which a sharding
+  constraint for the unflattened logical axes rejects under a mesh)."""
+  spec: str
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  bias_shape: tuple[int, ...]
+  bias_axes: tuple[str | None, ...]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", dense_init(self.kernel_axes), self.kernel_shape, jnp.float32)
+    bias = self.param("bias", zeros_init(self.bias_axes), self.bias_shape, jnp.float32)
+    return jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 class MultiHeadAttention(nn.Module):
   """Self-attention over [B, L, D] with a boolean key mask [B, L]."""
   heads: int
@@ -87,10 +105,8 @@ class MultiHeadAttention(nn.Module):
     head_dim = width // self.heads
 
     def qkv(name):
-      return nn.DenseGeneral(
-          (self.heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32,
-          kernel_init=dense_init(("embed", "heads", "kv")),
-          bias_init=zeros_init(("heads", "kv")), name=name)(x)
+      return _Einsum("bld,dhk->blhk", (width, self.heads, head_dim), ("embed", "heads", "kv"),
+                     (self.heads, head_dim), ("heads", "kv"), self.dtype, name=name)(x)
 
     q, k, v = qkv("query"), qkv("key"), qkv("value")
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
@@ -100,10 +116,8 @@ class MultiHeadAttention(nn.Module):
     if self.dropout > 0.0:
       probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    return nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=dense_init(("heads", "kv", "embed")),
-        bias_init=zeros_init(("embed",)), name="out")(out)
+    return _Einsum("blhk,hkd->bld", (self.heads, head_dim, width), ("heads", "kv", "embed"),
+                   (width,), ("embed",), self.dtype, name="out")(out)
 
 
 class Mlp(nn.Module):

@@ -19,9 +19,11 @@ Missing modalities (config.model.missing):
   'mask'  (m5p): an absent modality's tokens are masked out of the JCT's keys
           and all its outputs are zeroed, so whatever its inputs hold has no
           effect on any output or loss.
-  'zeros' (authors): its inputs are replaced by zeros (token ids -> PAD 0,
-          normalised pixels / log-mel -> 0) and its whole segment is attended
-          in its tower and the JCT. Its own outputs are still zeroed.
+  'zeros' (authors): its whole segment is attended in its tower and the
+          JCT. Its own outputs are still zeroed.
+In both modes an absent modality's inputs are first replaced by zeros (token
+ids -> PAD 0, normalised pixels / log-mel -> 0, its masks -> False), so even
+non-finite values there reach nothing, forward or backward.
 
 The JCT adds a learned modality-type embedding to each segment; the towers
 already carry positions, so the JCT adds no positions of its own.
@@ -62,11 +64,10 @@ class ScaleModel(nn.Module):
     self.text = towers.TextTower(self.word_embed, self.text_stack, c.data.text_len, d, self.dtype, drop)
     self.table = towers.TableTower(self.word_embed, table_stack, c.data.table_len,
                                    c.data.max_fields, d, self.dtype, drop)
-    self.image = towers.ImageTower(c.data.image_size, m.patch_size, m.image_layers, d, heads, r,
-                                   self.dtype, drop)
+    self.image = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype, drop)
     if not m.video_uses_image_stack:
-      self.video_frames = towers.ImageTower(c.data.image_size, m.patch_size, m.image_layers, d,
-                                            heads, r, self.dtype, drop)
+      self.video_frames = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype,
+                                            drop)
     self.video = towers.VideoTower(c.data.max_frames, m.video_layers, d, heads, r, self.dtype, drop)
     self.audio = towers.AudioTower(tuple(m.audio_patch), m.audio_layers, d, heads, r, self.dtype, drop)
 
@@ -99,15 +100,16 @@ class ScaleModel(nn.Module):
     pres = [present[:, i] for i in range(NUM_MODALITIES)]
 
     def fill(x, i):
-      """'zeros' mode: an absent modality's input replaced by zeros."""
-      if not zeros_mode:
-        return x
+      """An absent modality's input replaced by zeros (both modes). In 'mask'
+      mode this changes no output (those tokens are masked and their outputs
+      zeroed); it guarantees that even non-finite garbage in an absent
+      modality's fields cannot reach any value or gradient (0 * NaN)."""
+      x = jnp.asarray(x)
       return jnp.where(pres[i].reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
 
     def tower_mask(mask, i):
-      """'zeros' mode: an absent modality's whole segment is attended (authors)."""
-      mask = jnp.asarray(mask, bool)
-      return jnp.where(pres[i][:, None], mask, True) if zeros_mode else mask
+      """Absent: all False ('mask'), all True ('zeros': the authors attend it)."""
+      return jnp.where(pres[i][:, None], jnp.asarray(mask, bool), zeros_mode)
 
     # Text and table: one call of the shared stack on both (one compiled copy).
     text_args = (fill(batch["text_ids"], 0), tower_mask(batch["text_mask"], 0))
@@ -125,9 +127,9 @@ class ScaleModel(nn.Module):
     # Image and video frames: each frame through the image tower (shared by
     # default, then in the same call as the image: [B, 1 + T] images).
     image = fill(towers.normalize_pixels(batch["image"]), 2)  # [B, H, W, 3]
-    image_zero = jnp.asarray(batch["image_zero"], bool)  # [B, Ni]
+    image_zero = fill(jnp.asarray(batch["image_zero"], bool), 2)  # [B, Ni]
     frames = towers.video_frames_pixels(fill(towers.normalize_pixels(batch["video"]), 3),
-                                        jnp.asarray(batch["video_zero"], bool))  # [B, T, H, W, 3]
+                                        fill(jnp.asarray(batch["video_zero"], bool), 3))
     b, t = frames.shape[:2]
     if m.video_uses_image_stack:
       pixels = jnp.concatenate([image[:, None], frames], axis=1)  # [B, 1 + T, H, W, 3]
@@ -146,7 +148,7 @@ class ScaleModel(nn.Module):
                                         train=train)
     audio = fill(jnp.asarray(batch["audio"], jnp.float32), 4)
     audio_tokens, audio_km = self.audio(
-        audio, tower_mask(batch["audio_mask"], 4), jnp.asarray(batch["audio_zero"], bool),
+        audio, tower_mask(batch["audio_mask"], 4), fill(jnp.asarray(batch["audio_zero"], bool), 4),
         train=train)
 
     tokens = [text_tokens, table_tokens, image_tokens, video_tokens, audio_tokens]

@@ -4,6 +4,12 @@ Each tower maps its batch fields to `(tokens [B, L_m, D], key_mask [B, L_m])`
 with its [CLS] at position 0 and `key_mask[:, 0]` True. The key mask marks
 real tokens only; `ScaleModel` combines it with modality presence.
 
+`ScaleModel` wires them: text and table share the word embedding and (by
+default) one stack, run in one call (`run_stacked`); the video is each frame
+through the image tower (by default the same weights, in the same call as
+the image), each frame's CLS as a frame token, then `VideoTower`'s temporal
+blocks.
+
 Token orders (the data pipeline's masks follow them):
   image patches  row-major over the (H/p, W/p) grid: index = row * (W/p) + col;
                  each patch flattened as (pixel row, pixel col, channel).
@@ -76,6 +82,25 @@ def _with_cls(cls: jax.Array, tokens: jax.Array) -> jax.Array:
   return jnp.concatenate([cls, tokens], axis=1)
 
 
+def _lookup(table: jax.Array, ids: jax.Array, dtype) -> jax.Array:
+  """table[ids] for a small table, as a one-hot matmul: no gather, so it
+  partitions cleanly whatever the sharding of the table's 'embed' axis.
+  Out-of-range ids are clipped."""
+  ids = jnp.clip(ids, 0, table.shape[0] - 1)
+  return jax.nn.one_hot(ids, table.shape[0], dtype=dtype) @ table.astype(dtype)
+
+
+def embed_tokens_lookup(word_embed: nn.Module, ids: jax.Array) -> jax.Array:
+  """word_embed(ids) with the table gathered whole first (constraint to
+  replicated): each device then looks up its own batch rows, and the result
+  is batch-sharded. (A lookup into the ('vocab', 'embed')-sharded table
+  makes GSPMD replicate the [B, L, D] output instead.) Parameter-wise this
+  is the all-gather FSDP does for every weight anyway."""
+  table = nn.with_logical_constraint(word_embed.embedding, (None, None))
+  ids = jnp.clip(ids, 0, table.shape[0] - 1)  # Out-of-range ids: clipped, never NaN.
+  return jnp.take(table, ids, axis=0).astype(word_embed.dtype)
+
+
 def _true_first(mask: jax.Array) -> jax.Array:
   """[B, L] -> [B, L] with column 0 forced True (the CLS is always attendable)."""
   return mask.at[:, 0].set(True)
@@ -121,7 +146,7 @@ class TextTower(nn.Module):
     """The input of the stack: (x [B, Lt, D], key_mask [B, Lt])."""
     length = ids.shape[1]
     pos = layers.LearnedEmbedding(self.max_len, self.width, name="pos")()[:length]
-    x = self.word_embed(ids) + pos.astype(self.dtype)[None]
+    x = embed_tokens_lookup(self.word_embed, ids) + pos.astype(self.dtype)[None]
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     return layers.constrain(x), _true_first(mask)
 
@@ -147,9 +172,8 @@ class TableTower(nn.Module):
     pos = layers.LearnedEmbedding(self.max_len, self.width, name="pos")()[:length]
     seg = layers.LearnedEmbedding(3, self.width, name="segment")()
     fld = layers.LearnedEmbedding(self.max_fields, self.width, name="field")()
-    x = (self.word_embed(ids) + pos.astype(self.dtype)[None]
-         + jnp.take(seg, jnp.clip(segment, 0, 2), axis=0).astype(self.dtype)
-         + jnp.take(fld, jnp.clip(field, 0, self.max_fields - 1), axis=0).astype(self.dtype))
+    x = (embed_tokens_lookup(self.word_embed, ids) + pos.astype(self.dtype)[None]
+         + _lookup(seg, segment, self.dtype) + _lookup(fld, field, self.dtype))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     return layers.constrain(x), _true_first(mask)
 
@@ -164,7 +188,6 @@ class ImageTower(nn.Module):
   """ViT: patch stem (reshape + dense) on normalised pixels, learned [CLS] and
   positions, `layers` blocks. Patches flagged in `zero` are zeroed before the
   stem (MRM). Also encodes video frames when the video reuses it."""
-  image_size: int
   patch_size: int
   layers: int
   width: int

@@ -1,0 +1,1 @@
+"""SCALE objectives: harmonized contrastive loss and the five masked-task losses."""

@@ -1,0 +1,1 @@
+"""The SCALE model: layers, the five unimodal towers, the joint co-transformer."""
