@@ -10,7 +10,9 @@ REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
-  """`path` may be a file or a bare name of a config in the repo's configs/ folder."""
+  """`path` is a config file or the bare name of one in the repo's configs/ folder,
+  optionally followed by `:arg`, passed to `get_config(arg)` (as --config=path:arg)."""
+  path, _, arg = path.partition(":")
   if not os.path.exists(path) and os.path.exists(os.path.join(REPO_CONFIGS, path + ".py")):
     path = os.path.join(REPO_CONFIGS, path + ".py")
   spec = importlib.util.spec_from_file_location(f"m5p_config_{os.path.basename(path)[:-3]}", path)
@@ -18,4 +20,4 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"No config file at {path}")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg) if arg else module.get_config()

@@ -54,6 +54,8 @@ def main(argv: list[str]) -> None:
   os.makedirs(workdir, exist_ok=True)
   _setup_logging(workdir)
   config = FLAGS.config
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Library chatter (TFDS, orbax); m5p logs its own.
   # Imported here so that --help stays fast and jax sees the environment first.
   import jax
   from m5p import prepare, train

@@ -27,6 +27,8 @@ def _has_dataset(data_dir: str) -> bool:
 
 def _convert(config: ml_collections.ConfigDict, raw_dir: str, data_dir: str) -> None:
   d = config.data
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
   t0 = time.perf_counter()
   log.info("Converting %s -> %s", raw_dir, data_dir)
   convert.convert(raw_dir, data_dir, image_size=d.image_size, max_frames=d.max_frames, n_mels=d.n_mels,

@@ -22,16 +22,7 @@ def pytest_configure(config):
 def tiny_config(**overrides):
   """The demo config at test size: every test that trains starts from this."""
   from m5p.config_loader import load_config
-  c = load_config("demo")
-  c.batch_size = 16
-  c.total_steps = 6
-  c.log_every = 1
-  c.ckpt_every = 3
-  c.async_checkpointing = False
-  c.data.read_threads = 1
-  c.eval.batch_size = 32
-  c.data.vocab_size = 600
-  c.data.synthetic_products = 160
+  c = load_config("demo:tiny")
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")

@@ -68,3 +68,38 @@ def test_short_training_lowers_the_loss(tiny_dataset, tmp_path):
   train.train_and_evaluate(c, str(tmp_path), tiny_dataset)
   losses = _losses(str(tmp_path))
   assert losses[40] < 0.85 * losses[10], losses
+
+
+def test_loss_and_gradients_equal_across_meshes():
+  from flax import linen as nn
+  from m5p import optim, sharding, state as state_lib
+  from m5p.data import batch_spec
+  from m5p.losses.total import compute_loss
+  from m5p.models.scale import ScaleModel
+
+  host_batch = batch_spec.random_batch(tiny_config(), 16, seed=3)
+  results = {}
+  for name, mesh_cfg in MESHES.items():
+    c = tiny_config()
+    c.mesh.update(dict(data=-1, fsdp=1, model=1, num_devices=-1))
+    c.mesh.update(mesh_cfg)
+    mesh = sharding.make_mesh(c.mesh)
+    model = ScaleModel(c)
+    tx, _ = optim.make_optimizer(c)
+    state, shardings = state_lib.create_sharded_state(model, tx, c, mesh)
+    batch_shard = sharding.batch_sharding(mesh)
+    batch = {k: jax.device_put(v, batch_shard) for k, v in host_batch.items()}
+
+    def loss_fn(params, batch):
+      return compute_loss(model.apply({"params": params}, batch, train=False), batch, c)[0]
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+      grad_fn = jax.jit(jax.value_and_grad(loss_fn), in_shardings=(shardings.params, batch_shard))
+      loss, grads = grad_fn(state.params, batch)
+    results[name] = (float(loss), jax.tree.map(np.asarray, jax.device_get(grads)))
+  ref_loss, ref_grads = results["one_device"]
+  for name in ("data8", "2x2x2"):
+    loss, grads = results[name]
+    assert abs(loss - ref_loss) / abs(ref_loss) < 1e-5, name
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-6, err_msg=f"{name} {jax.tree_util.keystr(path)}")
