@@ -12,7 +12,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from m5p import sharding
-from m5p.data import batch_spec
+from m5p.models.scale import init_batch
 
 
 @flax.struct.dataclass
@@ -20,11 +20,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-def _init_batch(config: ml_collections.ConfigDict) -> dict:
-  shapes = batch_spec.batch_shapes(config, 1)
-  return {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -37,7 +32,7 @@ def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
   """
 
   def init(rng):
-    variables = model.init({"params": rng, "dropout": rng}, _init_batch(config), train=False)
+    variables = model.init({"params": rng, "dropout": rng}, init_batch(config, 1), train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -54,7 +49,7 @@ def abstract_state(state_shardings: Any, model: nn.Module, tx: optax.GradientTra
   """ShapeDtypeStructs carrying the target shardings: what orbax restores onto."""
 
   def init(rng):
-    variables = model.init({"params": rng, "dropout": rng}, _init_batch(config), train=False)
+    variables = model.init({"params": rng, "dropout": rng}, init_batch(config, 1), train=False)
     params = nn.meta.unbox(variables["params"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
