@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 
 def compiled_flops(compiled) -> float:
-  """FLOPs of one call of a compiled function, per XLA's cost analysis (all devices)."""
+  """FLOPs of one call of a compiled function per XLA's cost analysis: for an SPMD
+  program, one device's share (multiply by the device count for the total)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}

@@ -64,10 +64,12 @@ def test_resume_after_checkpoint_gives_the_same_losses(tiny_dataset, tmp_path):
 
 
 def test_short_training_lowers_the_loss(tiny_dataset, tmp_path):
-  c = tiny_config(total_steps=40, log_every=10, ckpt_every=1000)
+  c = tiny_config(total_steps=40, log_every=1, ckpt_every=1000)
   train.train_and_evaluate(c, str(tmp_path), tiny_dataset)
   losses = _losses(str(tmp_path))
-  assert losses[40] < 0.85 * losses[10], losses
+  first = np.mean([losses[s] for s in range(1, 6)])
+  last = np.mean([losses[s] for s in range(36, 41)])
+  assert last < 0.8 * first, losses
 
 
 def test_loss_and_gradients_equal_across_meshes():

@@ -51,7 +51,8 @@ def main(argv):
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     print(f"compile: {time.perf_counter() - t0:.1f}s")
-    step_flops = flops.compiled_flops(compiled)
+    # The compiled SPMD program is one device's share: total = that x devices.
+    step_flops = flops.compiled_flops(compiled) * mesh.size
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
     times = []

@@ -15,6 +15,10 @@
   mam  audio  MSE at audio_loss_mask patches (and real patches) against the
               (already standardised) log-mel values of the patch.
 
+MLM and MEM read the model's `mlm_nll` / `mem_nll` (the cross-entropy it
+computes at the picked positions only, m5p.models.scale), or the full
+`mlm_logits` / `mem_logits` when those are absent: the same values.
+
 Each loss is a token mean: sum over picked tokens of w_b * loss / number of
 picked tokens, where w_b = G_b[m, m], the harmonization weight (same function
 as the contrastive loss) recomputed from the JCT's pooled outputs. m5p
@@ -100,12 +104,17 @@ def masked_losses(outputs: dict, batch: dict, config: ml_collections.ConfigDict)
       p = p & jnp.asarray(e, bool)
     return p
 
+  def lm_loss(task, m, targets, loss_mask):
+    # The model's per-position cross-entropy at the picked positions (the LM
+    # head run on those only); from the full logits when it is absent.
+    if f"{task}_nll" in outputs:
+      return _token_mean(outputs[f"{task}_nll"], picked(loss_mask, m), w[:, m])
+    return cross_entropy_loss(outputs[f"{task}_logits"], batch[targets], picked(loss_mask, m), w[:, m])
+
   m = config.model
   return {
-      "mlm": cross_entropy_loss(outputs["mlm_logits"], batch["text_targets"],
-                                picked("text_loss_mask", 0), w[:, 0]),
-      "mem": cross_entropy_loss(outputs["mem_logits"], batch["table_targets"],
-                                picked("table_loss_mask", 1), w[:, 1]),
+      "mlm": lm_loss("mlm", 0, "text_targets", "text_loss_mask"),
+      "mem": lm_loss("mem", 1, "table_targets", "table_loss_mask"),
       "mrm": mse_loss(outputs["mrm_pred"], image_targets(batch["image"], m.patch_size),
                       picked("image_loss_mask", 2), w[:, 2]),
       "mfm": mse_loss(outputs["mfm_pred"], video_targets(batch["video"], video_target_grid(config)),

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 Dtype = Any
 
 # Added to the attention logits of masked keys. Finite (not -inf), so a query
-# whose keys are all masked gets a uniform softmax instead of NaN; large enough
-# that exp() of it underflows to exactly 0 next to any unmasked key, so masked
-# keys have exactly no effect on the other rows.
+# whose keys are all masked gets a (near) uniform softmax instead of NaN; large
+# enough that exp() of it underflows to exactly 0 next to any unmasked key, so
+# masked keys have exactly no effect on the other rows.
 MASK_VALUE = -1e9
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -59,10 +59,61 @@ def constrain(x: jax.Array, axes: Sequence[str | None] = ACTIVATION_AXES) -> jax
   return nn.with_logical_constraint(x, tuple(axes))
 
 
-def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
-                      scale_init=ones_init(("norm",)), bias_init=zeros_init(("norm",)),
-                      name=name)
+LN_EPSILON = 1e-6
+
+
+@jax.custom_vjp
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """flax.linen.LayerNorm's forward over the last axis (float32 statistics,
+  fast variance E[x^2] - E[x]^2 clipped at 0), result in float32. A custom
+  VJP (the textbook LayerNorm gradient, equal to autodiff of the same
+  formula) whose residuals are x and two per-row statistics: under autodiff
+  XLA:CPU materialised several per-row broadcasts per norm."""
+  return _layer_norm_fwd(x, scale, bias)[0]
+
+
+def _layer_norm_stats(x):
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axis=-1, keepdims=True) - jnp.square(mean))
+  return mean, jax.lax.rsqrt(var + LN_EPSILON)
+
+
+def _layer_norm_fwd(x, scale, bias):
+  xf = x.astype(jnp.float32)
+  mean, rstd = _layer_norm_stats(xf)
+  y = (xf - mean) * (rstd * scale) + bias
+  return y, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(res, g):
+  x, mean, rstd, scale = res
+  g = g.astype(jnp.float32)
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  gy = g * scale
+  d_x = rstd * (gy - jnp.mean(gy, axis=-1, keepdims=True)
+                - xhat * jnp.mean(gy * xhat, axis=-1, keepdims=True))
+  lead = tuple(range(g.ndim - 1))
+  return d_x.astype(x.dtype), jnp.sum(g * xhat, axis=lead), jnp.sum(g, axis=lead)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """nn.LayerNorm(epsilon=LN_EPSILON) over the last axis, same parameters
+  ('scale', 'bias') and values; see `_layer_norm` for why it is not nn.LayerNorm."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param("scale", ones_init(("norm",)), (d,), jnp.float32)
+    bias = self.param("bias", zeros_init(("norm",)), (d,), jnp.float32)
+    return _layer_norm(x, scale, bias).astype(self.dtype)
+
+
+def layer_norm(dtype: Dtype, name: str | None = None) -> LayerNorm:
+  return LayerNorm(dtype=dtype, name=name)
 
 
 def dense(features: int, in_axis: str | None, out_axis: str | None, dtype: Dtype,
@@ -76,48 +127,148 @@ def dense(features: int, in_axis: str | None, out_axis: str | None, dtype: Dtype
 class _Einsum(nn.Module):
   """y = einsum(spec, x, kernel) + bias, kernel and bias created at their real
   rank (nn.DenseGeneral creates a flattened kernel, which a sharding
-  constraint for the unflattened logical axes rejects under a mesh)."""
+  constraint for the unflattened logical axes rejects under a mesh).
+  `bias_view`: the shape the bias is reshaped to before it is added (to
+  broadcast against an output whose axes are not in the bias's order)."""
   spec: str
   kernel_shape: tuple[int, ...]
   kernel_axes: tuple[str | None, ...]
   bias_shape: tuple[int, ...]
   bias_axes: tuple[str | None, ...]
   dtype: Dtype = jnp.float32
+  bias_view: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", dense_init(self.kernel_axes), self.kernel_shape, jnp.float32)
     bias = self.param("bias", zeros_init(self.bias_axes), self.bias_shape, jnp.float32)
+    if self.bias_view is not None:
+      bias = bias.reshape(self.bias_view)
     return jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
+def _attention_probs(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
+  """softmax(q k^T + bias) in float32: q [B, H, Lq, K], k [B, H, Lk, K], bias [B, Lk].
+
+  The bias enters the product as one more feature (a column of ones on q,
+  the bias on k): XLA:CPU fuses the product and the softmax into one kernel,
+  but an added [B, 1, 1, Lk] bias would first be materialised as a
+  [B, H, Lq, Lk] broadcast (recomputing the whole key-mask expression, e.g.
+  the JCT's concatenation of five masks, at every element)."""
+  b, h, lq, _ = q.shape
+  q1 = jnp.concatenate([q, jnp.ones((b, h, lq, 1), q.dtype)], axis=-1)
+  kb = jnp.broadcast_to(bias[:, None, :, None].astype(k.dtype), (b, h, k.shape[2], 1))
+  k1 = jnp.concatenate([k, kb], axis=-1)
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q1, k1, preferred_element_type=jnp.float32)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+@jax.custom_vjp
+def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+  """softmax(q k^T + bias) v per batch row and head, head-major [B, H, L, K]
+  (q already scaled); bias [B, Lk] float32, no gradient.
+
+  A custom VJP, same values and gradients as autodiff of the same ops (to
+  float rounding): the backward pass keeps the probabilities as its only
+  [B, H, Lq, Lk] residual and writes its two transposed products (dv, dk)
+  as `x^T p` and transposes their small outputs, because XLA:CPU runs a
+  batched dot whose left operand contracts its major axis (`p^T x`) on a
+  slow generic path. Attention was ~45% of the demo's step."""
+  return _attention_core_fwd(q, k, v, bias)[0]
+
+
+def _attention_core_fwd(q, k, v, bias):
+  probs = _attention_probs(q, k, bias)
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+  return out, (q, k, v, probs)
+
+
+def _attention_core_bwd(res, d_out):
+  q, k, v, probs = res
+  p = probs.astype(v.dtype)
+  d_v = _transposed_product(d_out, p)
+  d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+  d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+  d_logits = d_logits.astype(q.dtype)
+  d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k)
+  d_k = _transposed_product(q, d_logits)
+  return d_q, d_k, d_v, None
+
+
+def _transposed_product(x: jax.Array, p: jax.Array) -> jax.Array:
+  """p^T x per batch row and head ([B, H, Lq, Lk], [B, H, Lq, K] -> [B, H, Lk, K]),
+  computed as (x^T p)^T: x^T is a small explicit transpose, and the product
+  then contracts the minor axis of its left operand."""
+  x_t = jnp.swapaxes(x, 2, 3)
+  out = jax.lax.dot_general(x_t, p, (((3,), (2,)), ((0, 1), (0, 1))))
+  return jnp.swapaxes(out, 2, 3)
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
 class MultiHeadAttention(nn.Module):
-  """Self-attention over [B, L, D] with a boolean key mask [B, L]."""
+  """Self-attention over [B, L, D] with a boolean key mask [B, L].
+
+  Queries, keys and values are projected straight to a head-major
+  [B, H, L, K] layout; masked keys get MASK_VALUE added to their logits."""
   heads: int
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, key_mask: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, key_mask: jax.Array, *, train: bool,
+               queries: int | None = None) -> jax.Array:
+    """queries: only the first `queries` positions query (output [B, queries, D])."""
     width = x.shape[-1]
     if width % self.heads:
       raise ValueError(f"width {width} is not divisible by heads {self.heads}")
     head_dim = width // self.heads
 
-    def qkv(name):
-      return _Einsum("bld,dhk->blhk", (width, self.heads, head_dim), ("embed", "heads", "kv"),
-                     (self.heads, head_dim), ("heads", "kv"), self.dtype, name=name)(x)
+    def qkv(name, inputs):
+      return _Einsum("bld,dhk->bhlk", (width, self.heads, head_dim), ("embed", "heads", "kv"),
+                     (self.heads, head_dim), ("heads", "kv"), self.dtype,
+                     bias_view=(self.heads, 1, head_dim), name=name)(inputs)
 
-    q, k, v = qkv("query"), qkv("key"), qkv("value")
+    q = qkv("query", x if queries is None else x[:, :queries])
+    k, v = qkv("key", x), qkv("value", x)
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(key_mask[:, None, None, :], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    if self.dropout > 0.0:
-      probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    return _Einsum("blhk,hkd->bld", (self.heads, head_dim, width), ("heads", "kv", "embed"),
+    bias = jnp.where(key_mask, 0.0, MASK_VALUE).astype(jnp.float32)
+    if self.dropout > 0.0 and train:
+      probs = _attention_probs(q, k, bias).astype(self.dtype)
+      probs = nn.Dropout(self.dropout)(probs, deterministic=False)
+      out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    else:
+      out = _attention_core(q, k, v, bias)
+    return _Einsum("bhlk,hkd->bld", (self.heads, head_dim, width), ("heads", "kv", "embed"),
                    (width,), ("embed",), self.dtype, name="out")(out)
+
+
+_GELU_C = 0.7978845608028654  # sqrt(2 / pi), as in jax.nn.gelu.
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """jax.nn.gelu (tanh approximation; flax's nn.gelu) with a hand-written
+  VJP: the forward pass keeps only x and the backward pass recomputes the
+  tanh. Autodiff of the formula stores several [N, mlp] intermediates in the
+  forward pass instead, which made the MLP ~1.6x slower on CPU."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+  xf = x.astype(jnp.float32)
+  x2 = xf * xf
+  t = jnp.tanh(_GELU_C * (xf + 0.044715 * x2 * xf))
+  d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x2)
+  return ((g.astype(jnp.float32) * d).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class Mlp(nn.Module):
@@ -129,7 +280,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     width = x.shape[-1]
     h = dense(self.hidden, "embed", "mlp", self.dtype, name="fc1")(x)
-    h = nn.gelu(h)
+    h = gelu(h)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     return dense(width, "mlp", "embed", self.dtype, name="fc2")(h)
@@ -143,10 +294,15 @@ class Block(nn.Module):
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, key_mask: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, key_mask: jax.Array, *, train: bool,
+               queries: int | None = None) -> jax.Array:
+    """queries: compute only the outputs of the first `queries` positions
+    (all positions are still attended): [B, queries, D]."""
     x = constrain(x)
     h = layer_norm(self.dtype, "ln_attn")(x)
-    h = MultiHeadAttention(self.heads, self.dtype, self.dropout, name="attn")(h, key_mask, train=train)
+    h = MultiHeadAttention(self.heads, self.dtype, self.dropout, name="attn")(
+        h, key_mask, train=train, queries=queries)
+    x = x if queries is None else x[:, :queries]
     x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
     h = layer_norm(self.dtype, "ln_mlp")(x)
     h = Mlp(self.mlp_ratio * x.shape[-1], self.dtype, self.dropout, name="mlp")(h, train=train)
@@ -163,12 +319,45 @@ class Encoder(nn.Module):
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, key_mask: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, key_mask: jax.Array, *, train: bool,
+               split: tuple[int, int] | None = None):
+    """x [N, L, D], key_mask [N, L] -> [N, L, D].
+
+    split = (group, n_full): the N sequences come in N/group groups of `group`
+    (group-major), and only the first `n_full` of each group need all their
+    outputs; the others need only their [CLS] (position 0), so the last
+    block computes only that query for them (e.g. video frames run through
+    the image stack: only their [CLS] is used). Returns (full [N/group,
+    n_full, L, D], cls [N/group, group - n_full, D]), the same values as
+    slicing the full outputs."""
     x = x.astype(self.dtype)
-    for i in range(self.layers):
-      x = Block(self.heads, self.mlp_ratio, self.dtype, self.dropout, name=f"block{i}")(
-          x, key_mask, train=train)
-    return constrain(layer_norm(self.dtype, "ln_final")(x))
+    # With dropout in training the CLS-only last block would draw other masks.
+    exact_split = split is not None and self.layers > 0 and not (self.dropout > 0.0 and train)
+    blocks = [Block(self.heads, self.mlp_ratio, self.dtype, self.dropout, name=f"block{i}")
+              for i in range(self.layers)]
+    ln_final = layer_norm(self.dtype, "ln_final")
+    for block in blocks[:-1] if exact_split else blocks:
+      x = block(x, key_mask, train=train)
+    if split is None:
+      return constrain(ln_final(x))
+    group, n_full = split
+    n, length, d = x.shape
+    if not exact_split:
+      x = constrain(ln_final(x)).reshape(n // group, group, length, d)
+      return x[:, :n_full], x[:, n_full:, 0]
+    x = x.reshape(n // group, group, length, d)
+    key_mask = key_mask.reshape(n // group, group, length)
+
+    def rows(a, lo, hi):  # Rows lo:hi of every group, flattened group-major.
+      return a[:, lo:hi].reshape(-1, *a.shape[2:])
+
+    full = None
+    if n_full:
+      full = blocks[-1](rows(x, 0, n_full), rows(key_mask, 0, n_full), train=train)
+      full = constrain(ln_final(full)).reshape(n // group, n_full, length, d)
+    cls = blocks[-1](rows(x, n_full, group), rows(key_mask, n_full, group), train=train, queries=1)
+    cls = constrain(ln_final(cls)).reshape(n // group, group - n_full, d)
+    return full, cls
 
 
 class LearnedEmbedding(nn.Module):

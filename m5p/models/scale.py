@@ -10,6 +10,10 @@ Outputs (B batch, D = config.model.width, P = config.model.proj_dim):
   fused        [B, D]         sum of `pooled` over present modalities (retrieval feature)
   mlm_logits   [B, Lt, V]     LM head on the JCT text tokens
   mem_logits   [B, Lp, V]     same head on the JCT table tokens
+  mlm_nll      [B, Lt]        the head's cross-entropy against text_targets at the
+                              positions picked for MLM (text_loss_mask, text
+                              present), 0 elsewhere: what the MLM loss reads
+  mem_nll      [B, Lp]        same for MEM (table_targets, table_loss_mask)
   mrm_pred     [B, Ni, p*p*3] image patches (JCT image tokens after the CLS)
   mfm_pred     [B, T, F_v]    per-frame coarse targets, F_v = towers.mfm_target_dim(config)
   mam_pred     [B, Na, pt*pf] log-mel patches
@@ -27,8 +31,18 @@ non-finite values there reach nothing, forward or backward.
 
 The JCT adds a learned modality-type embedding to each segment; the towers
 already carry positions, so the JCT adds no positions of its own.
+
+`mlm_nll` / `mem_nll` run the LM head on the picked positions only (a few
+percent of them): each row's picked text and table positions are gathered
+into `lm_pick_capacity(config)` slots, and a batch with a row holding more
+falls back to the head on every position (`nn.cond`), so the values never
+depend on the capacity. In a train step the full `mlm_logits` / `mem_logits`
+are then unused and compiled out; they stay outputs for inspection and tests.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -89,9 +103,24 @@ class ScaleModel(nn.Module):
 
   # ---------------------------------------------------------------------------
   def _lm_logits(self, x: jax.Array) -> jax.Array:
-    h = self.lm_norm(nn.gelu(self.lm_dense(x)))
+    h = self.lm_norm(layers.gelu(self.lm_dense(x)))
     logits = self.word_embed.attend(h).astype(jnp.float32) + self.lm_bias
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def _lm_nll(self, x: jax.Array, targets: jax.Array, picked: jax.Array) -> jax.Array:
+    """The LM head's cross-entropy [B, L] at the `picked` positions of x
+    [B, L, D] against `targets` [B, L] (clipped into the vocabulary), 0
+    elsewhere. Heads only the picked positions (see the module docstring)."""
+    capacity = lm_pick_capacity(self.config)
+    targets = jnp.clip(targets, 0, self.config.data.vocab_size - 1)
+    if capacity >= x.shape[1]:
+      return _dense_lm_nll(self, x, targets, picked)
+    fits = jnp.max(jnp.sum(picked, axis=1)) <= capacity
+    # The fallback is rematerialised: under autodiff a cond carries the
+    # residuals of both branches, and the dense branch's (several [B, L, V]
+    # arrays) would otherwise be zero-filled on every step the other runs.
+    return nn.cond(fits, functools.partial(_picked_lm_nll, capacity=capacity),
+                   nn.remat(_dense_lm_nll), self, x, targets, picked)
 
   def __call__(self, batch: dict, *, train: bool) -> dict:
     m = self.config.model
@@ -111,18 +140,14 @@ class ScaleModel(nn.Module):
       """Absent: all False ('mask'), all True ('zeros': the authors attend it)."""
       return jnp.where(pres[i][:, None], jnp.asarray(mask, bool), zeros_mode)
 
-    # Text and table: one call of the shared stack on both (one compiled copy).
+    # Text and table (one shared stack by default, called on each: running both
+    # in one call would pad the text to the table's length, which costs more
+    # step time than the second compiled copy of the stack costs compile time).
     text_args = (fill(batch["text_ids"], 0), tower_mask(batch["text_mask"], 0))
     table_args = (fill(batch["table_ids"], 1), tower_mask(batch["table_mask"], 1),
                   fill(batch["table_segment"], 1), fill(batch["table_field"], 1))
-    if m.share_text_table:
-      text_x, text_km = self.text.embed_tokens(*text_args, train=train)
-      table_x, table_km = self.table.embed_tokens(*table_args, train=train)
-      text_tokens, table_tokens = towers.run_stacked(
-          self.text_stack, [(text_x, text_km), (table_x, table_km)], train=train)
-    else:
-      text_tokens, text_km = self.text(*text_args, train=train)
-      table_tokens, table_km = self.table(*table_args, train=train)
+    text_tokens, text_km = self.text(*text_args, train=train)
+    table_tokens, table_km = self.table(*table_args, train=train)
 
     # Image and video frames: each frame through the image tower (shared by
     # default, then in the same call as the image: [B, 1 + T] images).
@@ -131,18 +156,20 @@ class ScaleModel(nn.Module):
     frames = towers.video_frames_pixels(fill(towers.normalize_pixels(batch["video"]), 3),
                                         fill(jnp.asarray(batch["video_zero"], bool), 3))
     b, t = frames.shape[:2]
+    # Of a frame, only the [CLS] output is used: the stack's last block
+    # computes only that query for the frames (`split`).
     if m.video_uses_image_stack:
       pixels = jnp.concatenate([image[:, None], frames], axis=1)  # [B, 1 + T, H, W, 3]
       zero = jnp.concatenate(
           [image_zero[:, None], jnp.zeros((b, t, image_zero.shape[1]), bool)], axis=1)
-      out, _ = self.image(pixels.reshape(b * (1 + t), *pixels.shape[2:]),
-                          zero.reshape(b * (1 + t), -1), train=train)
-      out = out.reshape(b, 1 + t, *out.shape[1:])
-      image_tokens, frame_tokens = out[:, 0], out[:, 1:, 0]
+      (image_tokens, frame_tokens), _ = self.image(
+          pixels.reshape(b * (1 + t), *pixels.shape[2:]), zero.reshape(b * (1 + t), -1),
+          train=train, split=(1 + t, 1))
+      image_tokens = image_tokens[:, 0]
     else:
       image_tokens, _ = self.image(image, image_zero, train=train)
-      out, _ = self.video_frames(frames.reshape(b * t, *frames.shape[2:]), None, train=train)
-      frame_tokens = out[:, 0].reshape(b, t, -1)
+      (_, frame_tokens), _ = self.video_frames(frames.reshape(b * t, *frames.shape[2:]), None,
+                                               train=train, split=(t, 0))
     image_km = jnp.ones(image_tokens.shape[:2], bool)
     video_tokens, video_km = self.video(frame_tokens, tower_mask(batch["video_mask"], 3),
                                         train=train)
@@ -176,7 +203,14 @@ class ScaleModel(nn.Module):
     segs = [x[:, s:s + n] for s, n in zip(starts, lengths)]
 
     pooled = jnp.stack([keep(seg[:, 0], i) for i, seg in enumerate(segs)], axis=1)
-    lm_logits = self._lm_logits(x[:, :lengths[0] + lengths[1]])  # Text and table segments.
+    lm_x = x[:, :lengths[0] + lengths[1]]  # Text and table segments.
+    lm_logits = self._lm_logits(lm_x)
+    lm_picked = jnp.concatenate(
+        [jnp.asarray(batch["text_loss_mask"], bool) & pres[0][:, None],
+         jnp.asarray(batch["table_loss_mask"], bool) & pres[1][:, None]], axis=1)
+    lm_targets = jnp.concatenate([jnp.asarray(batch["text_targets"], jnp.int32),
+                                  jnp.asarray(batch["table_targets"], jnp.int32)], axis=1)
+    lm_nll = self._lm_nll(lm_x, lm_targets, lm_picked)
 
     return {
         "present": present,
@@ -186,10 +220,44 @@ class ScaleModel(nn.Module):
         "fused": pooled.sum(axis=1),
         "mlm_logits": keep(lm_logits[:, :lengths[0]], 0),
         "mem_logits": keep(lm_logits[:, lengths[0]:], 1),
+        "mlm_nll": lm_nll[:, :lengths[0]],
+        "mem_nll": lm_nll[:, lengths[0]:],
         "mrm_pred": keep(self.mrm_head(segs[2][:, 1:]), 2),
         "mfm_pred": keep(self.mfm_head(segs[3][:, 1:]), 3),
         "mam_pred": keep(self.mam_head(segs[4][:, 1:]), 4),
     }
+
+
+def lm_pick_capacity(config: ml_collections.ConfigDict) -> int:
+  """Slots per row for the picked text + table positions the LM head runs on:
+  1.5x the expected picks of a full-length row plus 4, at most every position.
+  Only speed depends on it (rows holding more fall back to every position)."""
+  length = config.data.text_len + config.data.table_len
+  return min(length, math.ceil(1.5 * config.loss.mask_prob * length) + 4)
+
+
+def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """logsumexp(logits) - logits[target]: logits [..., V] float32, targets [...] in range."""
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def _dense_lm_nll(model: ScaleModel, x, targets, picked):
+  """The LM head on every position."""
+  return jnp.where(picked, _token_nll(model._lm_logits(x), targets), 0.0)
+
+
+def _picked_lm_nll(model: ScaleModel, x, targets, picked, *, capacity: int):
+  """The LM head on each row's first `capacity` picked positions (all of them
+  when called: the caller checks the counts). Slot c of row b holds the
+  row's c-th picked position; gathering and scattering are one-hot products
+  (exact, and batch-parallel under any batch sharding)."""
+  slot = jnp.cumsum(picked, axis=1) - 1  # [B, L]: the slot of each picked position.
+  onehot = picked[:, None, :] & (slot[:, None, :] == jnp.arange(capacity)[None, :, None])  # [B, C, L]
+  x_slots = jnp.einsum("bcl,bld->bcd", onehot.astype(x.dtype), x)
+  t_slots = jnp.sum(jnp.where(onehot, targets[:, None, :], 0), axis=-1)
+  nll = _token_nll(model._lm_logits(x_slots), t_slots)  # [B, C]; unused slots are masked below.
+  return jnp.sum(jnp.where(onehot, nll[:, :, None], 0.0), axis=1)
 
 
 def init_batch(config: ml_collections.ConfigDict, batch_size: int = 2) -> dict:

@@ -5,7 +5,7 @@ with its [CLS] at position 0 and `key_mask[:, 0]` True. The key mask marks
 real tokens only; `ScaleModel` combines it with modality presence.
 
 `ScaleModel` wires them: text and table share the word embedding and (by
-default) one stack, run in one call (`run_stacked`); the video is each frame
+default) one stack, called on each; the video is each frame
 through the image tower (by default the same weights, in the same call as
 the image), each frame's CLS as a frame token, then `VideoTower`'s temporal
 blocks.
@@ -106,28 +106,6 @@ def _true_first(mask: jax.Array) -> jax.Array:
   return mask.at[:, 0].set(True)
 
 
-def run_stacked(stack: nn.Module, inputs: list[tuple[jax.Array, jax.Array]], *,
-                train: bool) -> list[jax.Array]:
-  """Runs one (shared) stack on several sequences in one call.
-
-  inputs: [(x [B, L_k, D], key_mask [B, L_k]), ...]. The sequences are padded
-  (masked) to the longest, stacked as [B, K, L, D] and flattened to [B*K, L, D]:
-  the batch axis stays the leading factor, so a batch-sharded input stays
-  sharded without any resharding. One call means one copy of the stack in the
-  compiled program. Returns the outputs [B, L_k, D], padding removed."""
-  length = max(x.shape[1] for x, _ in inputs)
-  xs, ms = [], []
-  for x, m in inputs:
-    pad = length - x.shape[1]
-    xs.append(jnp.pad(x, ((0, 0), (0, pad), (0, 0))))
-    ms.append(jnp.pad(m, ((0, 0), (0, pad))))
-  b, k, d = xs[0].shape[0], len(inputs), xs[0].shape[-1]
-  x = jnp.stack(xs, axis=1).reshape(b * k, length, d)
-  m = jnp.stack(ms, axis=1).reshape(b * k, length)
-  y = stack(layers.constrain(x), m, train=train).reshape(b, k, length, -1)
-  return [y[:, i, :xi.shape[1]] for i, (xi, _) in enumerate(inputs)]
-
-
 # -------------------------------------------------------------------- text --
 
 class TextTower(nn.Module):
@@ -197,8 +175,11 @@ class ImageTower(nn.Module):
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, pixels: jax.Array, zero: jax.Array | None, *, train: bool):
-    """pixels: [N, H, W, 3] float (already normalised); zero: [N, Ni] bool or None."""
+  def __call__(self, pixels: jax.Array, zero: jax.Array | None, *, train: bool,
+               split: tuple[int, int] | None = None):
+    """pixels: [N, H, W, 3] float (already normalised); zero: [N, Ni] bool or None.
+    Returns (tokens [N, 1 + Ni, D], key_mask); with `split` (see
+    layers.Encoder) the tokens are its (full, cls) pair instead."""
     patches = patchify_image(pixels, self.patch_size)  # [N, Ni, p*p*3]
     if zero is not None:
       patches = jnp.where(zero[..., None], 0.0, patches)
@@ -209,7 +190,7 @@ class ImageTower(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     key_mask = jnp.ones(x.shape[:2], bool)
     x = layers.Encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout,
-                       name="stack")(layers.constrain(x), key_mask, train=train)
+                       name="stack")(layers.constrain(x), key_mask, train=train, split=split)
     return x, key_mask
 
 
