@@ -8,7 +8,7 @@ from m5p import default_config
 
 def get_config(variant: str = ""):
   c = default_config.get_config()
-  c.total_steps = 400
+  c.total_steps = 300
   c.batch_size = 64
   c.log_every = 20
   c.ckpt_every = 100
