@@ -150,11 +150,15 @@ class _Einsum(nn.Module):
 def _attention_probs(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
   """softmax(q k^T + bias) in float32: q [B, H, Lq, K], k [B, H, Lk, K], bias [B, Lk].
 
-  The bias enters the product as one more feature (a column of ones on q,
-  the bias on k): XLA:CPU fuses the product and the softmax into one kernel,
-  but an added [B, 1, 1, Lk] bias would first be materialised as a
+  On CPU the bias enters the product as one more feature (a column of ones
+  on q, the bias on k): XLA:CPU fuses the product and the softmax into one
+  kernel, but an added [B, 1, 1, Lk] bias would first be materialised as a
   [B, H, Lq, Lk] broadcast (recomputing the whole key-mask expression, e.g.
-  the JCT's concatenation of five masks, at every element)."""
+  the JCT's concatenation of five masks, at every element). Elsewhere the
+  bias is added (an odd K + 1 would pad the matrix units' tiles)."""
+  if jax.default_backend() != "cpu":
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    return jax.nn.softmax(logits + bias[:, None, None, :], axis=-1)
   b, h, lq, _ = q.shape
   q1 = jnp.concatenate([q, jnp.ones((b, h, lq, 1), q.dtype)], axis=-1)
   kb = jnp.broadcast_to(bias[:, None, :, None].astype(k.dtype), (b, h, k.shape[2], 1))
