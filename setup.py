@@ -27,9 +27,11 @@ setup(
         "scikit-learn>=1.5",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        "ijson>=3.2",  # Streams a 6M-item <split>_id_label.json.
     ],
     extras_require={
-        "test": ["pytest>=8.0"],
+        "test": ["pytest>=8.0", "apache-beam>=2.60"],
+        "beam": ["apache-beam>=2.60"],  # Conversion on Beam (Dataflow, Flink, Spark).
         "gpu": ["jax[cuda12]>=0.10.0"],
         "tpu": ["jax[tpu]>=0.10.0"],
     },

@@ -82,4 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128
   c.eval.ks = (1, 5, 10)
+  # Also embed this split for the linear probe's `cls_train` items when they
+  # are not in the eval split ('' = never: the probe then splits the eval split).
+  c.eval.probe_train_split = "train"
   return c

@@ -19,7 +19,7 @@ import optax
 from flax import linen as nn
 
 from m5p import checkpointing, optim, sharding
-from m5p.data import pipeline
+from m5p.data import convert, pipeline
 from m5p.evaluation import embed as embed_lib
 from m5p.evaluation import evaluator
 from m5p.losses.total import compute_loss
@@ -58,7 +58,14 @@ def evaluate(model, state, config, mesh, state_shardings, data_dir: str, workdir
              embed_fn=None) -> dict:
   embed_fn = embed_fn or embed_lib.make_embed_fn(model, mesh, state_shardings.params)
   emb = embed_lib.embed_split(embed_fn, state.params, config, mesh, data_dir, config.data.eval_split)
-  results = evaluator.evaluate_embeddings(emb, data_dir, tuple(config.eval.ks), seed=config.seed)
+  train_emb = None
+  manifest = convert.load_manifest(data_dir)
+  probe_split = config.eval.probe_train_split
+  if (probe_split and probe_split != config.data.eval_split and probe_split in manifest["splits"]
+      and manifest.get("splits_files", {}).get("cls_train")):
+    train_emb = embed_lib.embed_split(embed_fn, state.params, config, mesh, data_dir, probe_split)
+  results = evaluator.evaluate_embeddings(emb, data_dir, tuple(config.eval.ks), seed=config.seed,
+                                          train_emb=train_emb)
   step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     evaluator.write_eval(workdir, results, step)

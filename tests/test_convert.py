@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from m5p.data import convert as convert_lib
-from m5p.data import media, raw_layout
+from m5p.data import media, raw_layout, schema
 from m5p.data.raw_layout import ConversionError
 from m5p.data.tokenizer import Tokenizer
 
@@ -103,8 +103,17 @@ def make_raw(root):
   # 104: no text, HTML saved as .jpg -> skipped.
   with open(f"{img}/104.jpg", "w") as f:
     f.write("<!DOCTYPE html>")
-  # 105: webp greyscale image, invalid label.
+  # 105: webp greyscale image, invalid label, a truncated audio feature.
   write_image(f"{img}/105.webp", (30, 50), (120, 120, 120), mode="L")
+  for d in ("image_feature", "video_feature", "audio_feature"):
+    os.makedirs(os.path.join(root, d), exist_ok=True)
+  np.save(f"{root}/image_feature/100.npy", np.arange(24, dtype=np.float32).reshape(3, 8))
+  np.save(f"{root}/video_feature/101.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  np.save(f"{root}/audio_feature/105.npy", np.ones((4, 6), np.float32))
+  with open(f"{root}/audio_feature/105.npy", "r+b") as f:
+    f.truncate(100)
+  # 107: no text and no media, only a precomputed video feature -> kept.
+  np.save(f"{root}/video_feature/107.npy", np.full((5,), 0.5, np.float64))
   train = {
       "100": {"title": "红色 连衣裙 red dress", "pv": "颜色#:#红色#;#尺码#:#M", "label": 5},
       "101": {"title": "sticker", "pv": "a#:#1#;#nosep#;##:#v#;#k#:##;#", "label": 2},
@@ -114,6 +123,7 @@ def make_raw(root):
       "../evil": {"title": "escape", "pv": ""},
       "105": {"title": "grey", "pv": "色#:#灰", "label": "abc"},
       "106": "not an object",
+      "107": {"title": "", "label": 3},
   }
   with open(os.path.join(root, "train_id_label.json"), "w", encoding="utf-8") as f:
     json.dump(train, f, ensure_ascii=False)
@@ -162,15 +172,15 @@ def records(data_dir, split):
 def test_manifest_counts_every_item(converted):
   out, m, logs = converted
   assert m == convert_lib.load_manifest(out)
-  assert m["items_in"] == 12
+  assert m["items_in"] == 13
   skipped = {k: v["count"] for k, v in m["skipped"].items()}
   assert skipped == {"no_usable_modality": 1, "unsafe_id": 1, "bad_entry": 1,
                      "duplicate_id": 1, "no_item_id": 1}
   assert m["skipped"]["no_usable_modality"]["examples"] == ["104"]
   assert m["skipped"]["unsafe_id"]["examples"] == ["../evil"]
   assert m["items_in"] == m["items_written"] + sum(skipped.values())
-  assert m["splits"] == {"train": 5, "test": 2}
-  assert m["items_written"] == 7
+  assert m["splits"] == {"train": 6, "test": 2}
+  assert m["items_written"] == 8
   faults = {(mod, r): v["count"] for mod, rs in m["faults"].items() for r, v in rs.items()}
   assert faults == {
       ("image", "truncated"): 1, ("video", "undecodable"): 1, ("audio", "empty"): 1,
@@ -178,11 +188,15 @@ def test_manifest_counts_every_item(converted):
       ("image", "unsafe_path"): 1, ("label", "invalid"): 1,
       ("table", "no_separator"): 1, ("table", "empty_key"): 1, ("table", "empty_value"): 1,
       ("table", "stray_separator"): 2,  # 101 and 104.
+      ("video_feature", "bad_dtype"): 1, ("audio_feature", "truncated"): 1,
   }
   assert m["faults"]["image"]["truncated"]["examples"] == ["102"]
   assert m["faults"]["image"]["unsafe_path"]["examples"] == ["201"]
-  assert m["presence"]["train"] == {"text": 4, "table": 3, "image": 3, "video": 3, "audio": 2}
-  assert m["presence"]["test"] == {"text": 2, "table": 1, "image": 1, "video": 0, "audio": 0}
+  no_features = {"image_feature": 0, "video_feature": 0, "audio_feature": 0}
+  assert m["presence"]["train"] == {"text": 4, "table": 3, "image": 3, "video": 3, "audio": 2,
+                                    "image_feature": 1, "video_feature": 1, "audio_feature": 0}
+  assert m["presence"]["test"] == {"text": 2, "table": 1, "image": 1, "video": 0, "audio": 0,
+                                   **no_features}
   assert m["audio_from_video"] == {"train": 1, "test": 0}
   assert m["fine_groups"] == 3
   assert m["splits_files"] == {"fine_query": ["100", "200"]}
@@ -196,7 +210,7 @@ def test_manifest_counts_every_item(converted):
 def test_records_round_trip(converted):
   out, m, _ = converted
   train, test = records(out, "train"), records(out, "test")
-  assert set(train) == {"100", "101", "102", "103", "105"}
+  assert set(train) == {"100", "101", "102", "103", "105", "107"}
   assert set(test) == {"200", "201"}
 
   r = train["100"]
@@ -213,6 +227,10 @@ def test_records_round_trip(converted):
   assert r["audio"].dtype == np.float16
   assert r["audio"].shape == (1 + 32000 // 256, MELS)  # The 2 s wav, not the video's track.
   assert list(r["faults"]) == []
+  assert [x.decode() for x in r["lists"]] == ["fine_query"]
+  np.testing.assert_array_equal(schema.feature_array(r, "image_feature"),
+                                np.arange(24).reshape(3, 8))
+  assert schema.feature_array(r, "video_feature").shape == (0, 0)
 
   r = train["101"]
   assert [k.decode() for k in r["table_keys"]] == ["a"]
@@ -232,11 +250,19 @@ def test_records_round_trip(converted):
   assert list(r["faults"]) == [] and r["label"] == -1
 
   r = train["105"]
-  assert r["label"] == -1 and [f.decode() for f in r["faults"]] == ["label:invalid"]
+  assert r["label"] == -1
+  assert [f.decode() for f in r["faults"]] == ["label:invalid", "audio_feature:truncated"]
+  assert schema.feature_array(r, "audio_feature").shape == (0, 0)
   px = r["image"][0].reshape(-1, 3).astype(int)
   assert np.abs(px - 120).max() < 6  # Greyscale webp -> RGB.
 
+  r = train["107"]
+  assert r["image"] == [] and r["video"] == [] and r["title"] == b"" and list(r["lists"]) == []
+  v = schema.feature_array(r, "video_feature")
+  assert v.dtype == np.float16 and v.shape == (1, 5) and (v == 0.5).all()
+
   assert test["200"]["fine_group_id"] == 0 and test["200"]["label"] == 1
+  assert [x.decode() for x in test["200"]["lists"]] == ["fine_query"]
   assert test["201"]["image"] == [] and [f.decode() for f in test["201"]["faults"]] == [
       "image:unsafe_path"]
 
@@ -417,9 +443,9 @@ def _crash_on_item_101(paths_list, settings):
 
 
 def test_decoder_crash_costs_only_that_item(raw, converted, tmp_path, monkeypatch):
-  from m5p.data import m5product_builder
-  monkeypatch.setattr(m5product_builder, "_decode_chunk", _crash_on_item_101)
-  monkeypatch.setattr(m5product_builder, "_CHUNK", 2)
+  from m5p.data import shards
+  monkeypatch.setattr(shards, "_decode_chunk", _crash_on_item_101)
+  monkeypatch.setattr(shards, "_CHUNK", 2)
   m = convert_lib.convert(raw, str(tmp_path / "c"), workers=1, log=lambda s: None, **SETTINGS)
   assert m["splits"] == converted[1]["splits"]
   assert m["faults"]["image"]["crashed"]["examples"] == ["101"]
@@ -459,3 +485,112 @@ def test_image_limits_and_16_bit(tmp_path, monkeypatch):
   Image.fromarray(np.full((10, 10), 40000, np.uint16)).save(p16)
   assert Image.open(p16).mode.startswith("I")
   assert abs(decode_jpeg(media.load_image_jpeg(p16, 8)).mean() - 40000 / 65535 * 255) < 4
+
+
+# ---------------------------------------------------------------------------
+# Determinism, resumption, job arrays, Beam.
+
+
+def shard_bytes(out):
+  """{file name: bytes} of every ArrayRecord shard of a conversion."""
+  m = convert_lib.load_manifest(out)
+  d = os.path.join(out, m["dataset_dir"])
+  return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))
+          if ".array_record-" in f}
+
+
+def test_interrupted_conversion_resumes_to_identical_shards(raw, converted, tmp_path, monkeypatch):
+  out = str(tmp_path / "r")
+  real = media.decode_item_media
+
+  def interrupt_on_105(paths, *args):
+    if any(os.path.basename(p).startswith("105.") for p in paths.values()):
+      raise KeyboardInterrupt  # As a preemption would, in the last shard (train 1 of 2).
+    return real(paths, *args)
+
+  monkeypatch.setattr(media, "decode_item_media", interrupt_on_105)
+  with pytest.raises(KeyboardInterrupt):
+    convert_lib.convert(raw, out, workers=0, log=lambda s: None, **SETTINGS)
+  monkeypatch.setattr(media, "decode_item_media", real)
+  assert not os.path.exists(os.path.join(out, "manifest.json"))
+  work = os.path.join(out, "conversion")
+  done = sorted(f for f in os.listdir(work) if f != "plan.json")
+  assert done == ["test-00000-of-00002.json", "test-00001-of-00002.json",
+                  "train-00000-of-00002.json"]
+  stamps = {f: os.stat(os.path.join(work, f)).st_mtime_ns for f in done}
+  with pytest.raises(ConversionError, match="unfinished conversion.*settings"):
+    convert_lib.convert(raw, out, workers=0, log=lambda s: None, **{**SETTINGS, "image_size": 8})
+  logs = []
+  m = convert_lib.convert(raw, out, workers=0, log=logs.append, **SETTINGS)
+  assert any("3 shards already done" in line for line in logs)
+  assert {f: os.stat(os.path.join(work, f)).st_mtime_ns for f in done} == stamps  # Not redone.
+  assert not [f for f in os.listdir(m and os.path.join(out, m["dataset_dir"])) if ".tmp" in f]
+  assert shard_bytes(out) == shard_bytes(converted[0])
+  for key in ("splits", "presence", "faults", "skipped", "items_in"):
+    assert m[key] == converted[1][key]
+
+
+def test_job_array_tasks_then_finish(raw, converted, tmp_path):
+  out = str(tmp_path / "t")
+  for task in (1, 0):
+    assert convert_lib.convert(raw, out, workers=0, num_tasks=2, task_index=task,
+                               log=lambda s: None, **SETTINGS) is None
+  assert not os.path.exists(os.path.join(out, "manifest.json"))
+  m = convert_lib.convert(raw, out, workers=0, log=lambda s: None, **SETTINGS)
+  assert m["splits"] == converted[1]["splits"]
+  assert shard_bytes(out) == shard_bytes(converted[0])
+  with pytest.raises(ConversionError, match="task_index"):
+    convert_lib.convert(raw, out, num_tasks=2, task_index=2, **SETTINGS)
+
+
+def test_beam_direct_runner_gives_the_same_shards(raw, converted, tmp_path):
+  pytest.importorskip("apache_beam")
+  out = str(tmp_path / "b")
+  m = convert_lib.convert(raw, out, beam_runner="DirectRunner", log=lambda s: None, **SETTINGS)
+  assert m["faults"] == converted[1]["faults"] and m["skipped"] == converted[1]["skipped"]
+  assert shard_bytes(out) == shard_bytes(converted[0])
+
+
+def test_linked_media_folder_outside_root_is_refused(tmp_path):
+  root, elsewhere = tmp_path / "raw", tmp_path / "elsewhere"
+  root.mkdir()
+  elsewhere.mkdir()
+  write_image(str(elsewhere / "1.jpg"))
+  os.symlink(elsewhere, root / "images")
+  (root / "train_id_label.json").write_text(json.dumps({"1": {"title": "t"}}))
+  m = convert_lib.convert(str(root), str(tmp_path / "out"), workers=0, log=lambda s: None,
+                          **SETTINGS)
+  assert m["faults"]["image"]["unsafe_path"]["examples"] == ["1"]
+  assert records(str(tmp_path / "out"), "train")["1"]["image"] == []
+
+
+def test_json_split_is_streamed_with_duplicate_keys(tmp_path):
+  path = tmp_path / "x_id_label.json"
+  path.write_text('\ufeff {"1": {"title": "a"}, "2": {"title": "b", "label": 1.0}, "1": {}}',
+                  encoding="utf-8")
+  assert list(raw_layout.iter_entries(str(path))) == [
+      ("1", {"title": "a"}), ("2", {"title": "b", "label": 1.0}), ("1", {})]
+  path.write_text('[{"item_id": "5", "title": "c"}, 3]')
+  assert list(raw_layout.iter_entries(str(path))) == [("5", {"item_id": "5", "title": "c"}),
+                                                      (None, 3)]
+  path.write_text("")
+  with pytest.raises(ConversionError, match="x_id_label.json.*empty"):
+    list(raw_layout.iter_entries(str(path)))
+
+
+def test_feature_files_are_checked(tmp_path):
+  p = str(tmp_path / "f.npy")
+  np.save(p, np.ones((2, 3), np.int64))
+  assert media.load_feature(p).dtype == np.float16
+  cases = {
+      "bad_dtype": lambda: np.save(p, np.array(["a", "b"])),
+      "bad_shape": lambda: np.save(p, np.ones((2, 2, 2))),
+      "not_finite": lambda: np.save(p, np.array([np.nan])),
+      "undecodable": lambda: open(p, "w").write("<html>"),
+      "empty": lambda: open(p, "w").close(),
+  }
+  for reason, make in cases.items():
+    make()
+    with pytest.raises(media.MediaError) as e:
+      media.load_feature(p)
+    assert e.value.reason == reason, reason

@@ -66,3 +66,35 @@ def test_eval_batches_cover_the_split_once(tiny_dataset):
   idx = np.concatenate([b["index"] for b in pipeline.eval_batches(c, tiny_dataset, "test")])
   assert sorted(idx[idx >= 0].tolist()) == list(range(n))
   assert jax.process_count() == 1
+
+
+def test_processes_read_disjoint_shards_covering_each_epoch(tiny_dataset):
+  """Simulated hosts: each reads its own slice; together, every record once an epoch."""
+  from m5p.data import convert
+  n = convert.load_manifest(tiny_dataset)["splits"]["train"]
+  for count in (2, 4):
+    c = tiny_config(batch_size=4 * count)  # 4 examples per process and step.
+    epochs = []
+    for index in range(count):
+      it = iter(pipeline.train_dataset(c, tiny_dataset, process_index=index, process_count=count))
+      own = len(range(index, n, count))
+      stream = np.concatenate([b["index"] for b in _take(it, own // 4 + 1)])
+      first_epoch = stream[:own].tolist()
+      assert sorted(first_epoch) == list(range(index, n, count))  # Exactly its slice, once.
+      epochs.append(first_epoch)
+    union = sorted(i for e in epochs for i in e)
+    assert union == list(range(n)), count  # No overlap, nothing missing.
+
+
+def test_a_process_resumes_its_own_sequence(tiny_dataset):
+  c = tiny_config(batch_size=8)
+  make = lambda: iter(pipeline.train_dataset(c, tiny_dataset, process_index=1, process_count=2))
+  it = make()
+  _take(it, 3)
+  state = it.get_state()
+  expected = _take(it, 4)
+  other = iter(pipeline.train_dataset(c, tiny_dataset, process_index=0, process_count=2))
+  assert not np.intersect1d(expected[0]["index"], next(other)["index"]).size
+  resumed = make()
+  resumed.set_state(state)
+  assert all(_same(x, y) for x, y in zip(expected, _take(resumed, 4)))

@@ -4,11 +4,20 @@ r"""Converts a raw M5Product layout into m5p's dataset (tokenizer, ArrayRecord, 
       [--image_size=32 --max_frames=4 --n_mels=80 --max_audio_seconds=12 \
        --num_shards=4 --vocab_size=2000 --workers=N --overwrite]
 
+At scale (see launch/convert_beam.sh and launch/convert_slurm_array.sh):
+  ... --num_tasks=K --task_index=I   one task of a cluster job array; then
+                                     the same command without them finishes
+  ... --beam_runner=DirectRunner|DataflowRunner|FlinkRunner|SparkRunner \
+      --beam_options="--project=... --region=..."   shards as Beam tasks
+
+A rerun of an interrupted conversion skips the finished shards; the shards
+are byte-identical however the conversion was run.
 Defaults come from m5p.default_config. The raw layout is described in
 shared/M5PRODUCT_LAYOUT.md; the summary printed at the end (and
 DATA/manifest.json) counts items, modality presence, faults and skips.
 """
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,6 +39,10 @@ flags.DEFINE_integer("num_shards", _D.num_shards, "ArrayRecord shards per split 
 flags.DEFINE_integer("vocab_size", _D.vocab_size, "SentencePiece vocabulary size.")
 flags.DEFINE_integer("workers", None, "Media-decoding processes (default: all cores; 0: decode in-process).")
 flags.DEFINE_bool("overwrite", False, "Replace an earlier conversion in --output_dir.")
+flags.DEFINE_integer("num_tasks", 1, "Split the shards over this many job-array tasks.")
+flags.DEFINE_integer("task_index", 0, "This task's index in [0, num_tasks).")
+flags.DEFINE_string("beam_runner", None, "Run the shards on Apache Beam with this runner.")
+flags.DEFINE_string("beam_options", "", "Beam pipeline flags, space-separated.")
 FLAGS = flags.FLAGS
 
 
@@ -60,11 +73,14 @@ def main(argv):
         FLAGS.input_dir, FLAGS.output_dir, image_size=FLAGS.image_size,
         max_frames=FLAGS.max_frames, n_mels=FLAGS.n_mels,
         max_audio_seconds=FLAGS.max_audio_seconds, num_shards=FLAGS.num_shards,
-        vocab_size=FLAGS.vocab_size, workers=FLAGS.workers, overwrite=FLAGS.overwrite)
+        vocab_size=FLAGS.vocab_size, workers=FLAGS.workers, overwrite=FLAGS.overwrite,
+        num_tasks=FLAGS.num_tasks, task_index=FLAGS.task_index, beam_runner=FLAGS.beam_runner,
+        beam_options=shlex.split(FLAGS.beam_options))
   except convert_lib.ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(summary(manifest))
+  if manifest is not None:  # None: one task of several, nothing to summarise yet.
+    print(summary(manifest))
   return 0
 
 

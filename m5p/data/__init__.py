@@ -1,1 +1,1 @@
-"""Data: raw M5Product layout -> ArrayRecord (TFDS builder) -> Grain batches."""
+"""Data: raw M5Product layout -> ArrayRecord shards (TFDS-readable) -> Grain batches."""

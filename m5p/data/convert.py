@@ -2,10 +2,20 @@
 
 `convert()` writes, under `output_dir`:
 
-  tokenizer.model   SentencePiece model trained on the train split's text
-  tfds/m5_product/<config>/<version>/   the TFDS dataset (ArrayRecord shards)
-  manifest.json     what was written and what went wrong (written last: its
-                    presence means the conversion finished)
+  conversion/plan.json    the settings and the shard plan (written first; a
+                          rerun with other settings is refused)
+  conversion/<split>-<i>-of-<S>.json   one report per finished shard
+  tfds/m5_product/<config>/<version>/  the ArrayRecord shards, then TFDS's
+                          dataset_info.json and features.json
+  tokenizer.model         SentencePiece model trained on the train split's text
+  manifest.json           what was written and what went wrong (written last:
+                          its presence means the conversion finished)
+
+Shards are independent jobs (`m5p.data.shards`), run here one after the
+other with a pool of media decoders (`workers`), or split over the tasks
+of a cluster job array (`num_tasks`, `task_index`), or on Apache Beam
+(`beam_runner`: DirectRunner here, Dataflow/Flink/Spark at scale). A rerun
+skips finished shards; the output is byte-identical however it was run.
 
 `load_manifest()` and `open_split()` are how the input pipeline finds it.
 Reading needs no TensorFlow: `open_split` returns TFDS's ArrayRecord data
@@ -13,50 +23,29 @@ source, whose items are dicts of numpy values (see `open_split`).
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core.utils import shard_utils
 
-from m5p.data import raw_layout, schema
-from m5p.data.m5product_builder import M5Product, M5ProductConfig
+from m5p.data import raw_layout, schema, shards
 from m5p.data.raw_layout import ConversionError
 from m5p.data.tokenizer import train_tokenizer
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 TFDS_SUBDIR = "tfds"
+WORK_SUBDIR = "conversion"
+PLAN = "plan.json"
 MAX_TOKENIZER_LINES = 2_000_000
 MODALITY_ORDER = ("text", "table", "image", "video", "audio")
 
 __all__ = ["ConversionError", "convert", "load_manifest", "open_split", "tokenizer_path"]
-
-
-# TFDS 4.9.10 takes one shard count for every split (DownloadConfig.num_shards)
-# and fails when a split has fewer examples than shards. This config makes the
-# count an upper bound per split: min(num_shards, num_examples).
-@dataclasses.dataclass(frozen=True)
-class _AtMostShardConfig(shard_utils.ShardConfig):
-
-  def get_number_shards(self, total_size: int, num_examples: int,
-                        uses_precise_sharding: bool = True) -> int:
-    if self.num_shards:
-      return max(1, min(self.num_shards, num_examples))
-    return super().get_number_shards(total_size, num_examples, uses_precise_sharding)
-
-
-@dataclasses.dataclass(eq=False)
-class _DownloadConfig(tfds.download.DownloadConfig):
-
-  def get_shard_config(self) -> shard_utils.ShardConfig:
-    return _AtMostShardConfig(num_shards=self.num_shards, min_shard_size=self.min_shard_size,
-                              max_shard_size=self.max_shard_size)
 
 
 def _tokenizer_lines(split_paths: list[str], cap: int) -> Iterator[str]:
@@ -77,48 +66,285 @@ def _tokenizer_lines(split_paths: list[str], cap: int) -> Iterator[str]:
   return itertools.islice(lines(), cap)
 
 
-def _remove_empty_tree(path: str) -> None:
-  """Removes `path` if it holds nothing but empty folders."""
-  if not os.path.isdir(path):
-    return
-  for dirpath, _, files in os.walk(path):
-    if files:
-      return
-  shutil.rmtree(path)
+def _id_hash(item_id: str) -> int:
+  import hashlib
+  return int.from_bytes(hashlib.blake2b(item_id.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def _clear_previous(output_dir: str, overwrite: bool) -> None:
-  targets = [os.path.join(output_dir, n) for n in (MANIFEST, TOKENIZER, TFDS_SUBDIR)]
-  existing = [t for t in targets if os.path.exists(t)]
-  if existing and not overwrite:
-    what = "a conversion" if os.path.exists(targets[0]) else "an unfinished conversion"
+def _scan_split(path: str) -> tuple[int, list[int]]:
+  """(number of entries, indices of entries whose id appeared earlier).
+
+  One streamed pass that also finds broken JSON before any decoding. Ids are
+  kept as 8-byte hashes (50 MB for 6M items), so memory stays small.
+  """
+  hashes, indices = [], []
+  n = 0
+  for n, (raw_id, _) in enumerate(raw_layout.iter_entries(path), 1):
+    try:
+      item_id = raw_layout.check_item_id(raw_id)
+    except raw_layout.ItemRefused:
+      continue  # Refused in its shard, not a duplicate.
+    hashes.append(_id_hash(item_id))
+    indices.append(n - 1)
+  if not hashes:
+    return n, []
+  h = np.asarray(hashes, np.uint64)
+  _, first = np.unique(h, return_index=True)
+  dup = np.ones(len(h), bool)
+  dup[first] = False
+  return n, [int(i) for i in np.asarray(indices)[dup]]
+
+
+def _plan(raw_dir: str, settings: shards.Settings, num_shards: int, vocab_size: int,
+          log: Callable[[str], None]) -> dict[str, Any]:
+  split_paths = raw_layout.find_splits(raw_dir)
+  raw_layout.read_id_lists(raw_dir)  # Fail now, not after hours of decoding.
+  raw_layout.read_fine_groups(raw_dir)
+  t0 = time.time()
+  splits = {}
+  for split, path in split_paths.items():
+    entries, duplicates = _scan_split(path)
+    splits[split] = {"path": os.path.basename(path), "entries": entries,
+                     "shards": max(1, min(num_shards, entries)), "duplicates": duplicates}
+  counts = ", ".join(f"{s} {v['entries']}" for s, v in splits.items())
+  log(f"splits: {counts} items "
+      f"(read in {time.time() - t0:.1f} s)")
+  return {"record_version": schema.RECORD_VERSION, "raw_dir": os.path.abspath(raw_dir),
+          "settings": {"image_size": settings.image_size, "max_frames": settings.max_frames,
+                       "n_mels": settings.n_mels, "max_audio_seconds": settings.max_audio_seconds},
+          "num_shards": num_shards, "vocab_size": vocab_size, "splits": splits}
+
+
+def _dataset_dir(output_dir: str, settings: shards.Settings) -> str:
+  return os.path.join(output_dir, TFDS_SUBDIR, shards.DATASET_NAME, settings.name,
+                      schema.RECORD_VERSION)
+
+
+def _jobs(plan: dict[str, Any], output_dir: str, settings: shards.Settings) -> list[shards.ShardJob]:
+  jobs = []
+  for split, s in plan["splits"].items():
+    n, count = s["entries"], s["shards"]
+    dups = np.asarray(s["duplicates"], np.int64)
+    for i in range(count):
+      start, stop = n * i // count, n * (i + 1) // count
+      jobs.append(shards.ShardJob(
+          raw_dir=plan["raw_dir"], split=split, split_path=os.path.join(plan["raw_dir"], s["path"]),
+          shard=i, num_shards=count, start=start, stop=stop,
+          duplicates=tuple(int(d) for d in dups[(dups >= start) & (dups < stop)]),
+          dataset_dir=_dataset_dir(output_dir, settings),
+          work_dir=os.path.join(output_dir, WORK_SUBDIR), settings=settings))
+  return jobs
+
+
+def _load_or_write_plan(raw_dir: str, output_dir: str, settings: shards.Settings, num_shards: int,
+                        vocab_size: int, overwrite: bool, log: Callable[[str], None]) -> dict:
+  """The plan of the conversion in `output_dir`: resumed if it matches, else new."""
+  plan_path = os.path.join(output_dir, WORK_SUBDIR, PLAN)
+  finished = os.path.exists(os.path.join(output_dir, MANIFEST))
+  if overwrite:
+    for name in (MANIFEST, TOKENIZER, TFDS_SUBDIR, WORK_SUBDIR):
+      path = os.path.join(output_dir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+  elif finished:
     raise ConversionError(
-        f"{output_dir} already holds {what} ({', '.join(map(os.path.basename, existing))}); "
+        f"{output_dir} already holds a conversion (manifest.json); choose another output "
+        "folder or pass overwrite=True.")
+  elif os.path.exists(os.path.join(output_dir, TFDS_SUBDIR)) and not os.path.exists(plan_path):
+    raise ConversionError(
+        f"{output_dir} holds records of another conversion (tfds/ without conversion/plan.json); "
         "choose another output folder or pass overwrite=True.")
-  for t in existing:
-    shutil.rmtree(t) if os.path.isdir(t) else os.remove(t)
+  plan = _plan(raw_dir, settings, num_shards, vocab_size, log)
+  if os.path.exists(plan_path):
+    with open(plan_path, encoding="utf-8") as f:
+      old = json.load(f)
+    if old != plan:
+      changed = sorted(k for k in plan if old.get(k) != plan[k])
+      raise ConversionError(
+          f"{output_dir} holds an unfinished conversion with other inputs or settings "
+          f"({', '.join(changed)} differ); rerun it as it was, or pass overwrite=True.")
+    done = sum(j.is_done() for j in _jobs(plan, output_dir, settings))
+    log(f"resuming the conversion in {output_dir}: {done} shards already done")
+    return plan
+  os.makedirs(os.path.dirname(plan_path), exist_ok=True)
+  tmp = f"{plan_path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(plan, f, ensure_ascii=False, indent=1)
+  os.replace(tmp, plan_path)
+  return plan
+
+
+def _run_local(jobs: Sequence[shards.ShardJob], workers: int, log: Callable[[str], None]) -> None:
+  decoder = shards.MediaDecoder(workers, log)
+  start = time.time()
+  items = sum(j.stop - j.start for j in jobs)
+  done_items = 0
+  try:
+    for k, job in enumerate(jobs, 1):
+      report = shards.convert_shard(job, decoder, log)
+      done_items += job.stop - job.start
+      rate = done_items / max(time.time() - start, 1e-9)
+      log(f"{job.file_name}: {report['items_in']} items, {report['written']} written "
+          f"({report['seconds']:.1f} s); {k}/{len(jobs)} shards, {rate:.1f} items/s, "
+          f"about {(items - done_items) / max(rate, 1e-9) / 60:.1f} min left")
+  finally:
+    decoder.close()
+
+
+def _beam_convert_shard(job: shards.ShardJob) -> str:
+  """A Beam task: one shard, media decoded in the Beam worker's own process."""
+  shards.convert_shard(job, None, log=lambda msg: None)
+  return job.file_name
+
+
+def _run_beam(jobs: Sequence[shards.ShardJob], runner: str, options: Sequence[str],
+              log: Callable[[str], None]) -> None:
+  try:
+    import apache_beam as beam  # pylint: disable=import-outside-toplevel
+    from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ConversionError("beam_runner needs Apache Beam: pip install 'm5p[beam]'") from None
+  log(f"running {len(jobs)} shards on Beam's {runner}")
+  with beam.Pipeline(runner=runner, options=PipelineOptions(list(options))) as p:
+    _ = (p | "Shards" >> beam.Create(list(jobs)) | "Spread" >> beam.Reshuffle()
+         | "Convert" >> beam.Map(_beam_convert_shard))
+
+
+def _train_tokenizer(plan: dict, output_dir: str, vocab_size: int,
+                     log: Callable[[str], None]) -> list[str]:
+  paths = {s: os.path.join(plan["raw_dir"], v["path"]) for s, v in plan["splits"].items()}
+  tok_splits = ["train"] if "train" in paths else list(paths)
+  t0 = time.time()
+  lines = list(_tokenizer_lines([paths[s] for s in tok_splits], MAX_TOKENIZER_LINES))
+  if not any(l.strip() for l in lines) and tok_splits != list(paths):
+    tok_splits = list(paths)
+    lines = list(_tokenizer_lines([paths[s] for s in tok_splits], MAX_TOKENIZER_LINES))
+  if not any(l.strip() for l in lines):
+    raise ConversionError(f"{plan['raw_dir']}: no title or table text in any split to train the "
+                          "tokenizer on.")
+  try:
+    train_tokenizer(lines, vocab_size, os.path.join(output_dir, TOKENIZER))
+  except RuntimeError as e:  # SentencePiece: e.g. vocab_size below 256 bytes + characters.
+    raise ConversionError(f"tokenizer training failed with vocab_size={vocab_size}: {e}") from None
+  log(f"tokenizer: {len(lines)} lines of {'+'.join(tok_splits)} in {time.time() - t0:.1f} s "
+      f"-> {TOKENIZER}")
+  return tok_splits
+
+
+def _finalize(plan: dict, jobs: Sequence[shards.ShardJob], output_dir: str,
+              settings: shards.Settings, t_start: float, log: Callable[[str], None]) -> dict:
+  """Tokenizer, TFDS metadata and manifest from the finished shards' reports."""
+  reports = {}
+  for job in jobs:
+    with open(job.report_path, encoding="utf-8") as f:
+      reports[job] = json.load(f)
+  tok_splits = _train_tokenizer(plan, output_dir, plan["vocab_size"], log)
+  faults, skipped = shards.Tally(), shards.Tally()
+  by_split: dict[str, list] = {}
+  for job, r in reports.items():
+    by_split.setdefault(job.split, []).append((job, r))
+    faults.merge(r["faults"])
+    skipped.merge({"": r["skipped"]})
+  split_infos, empty_splits, labels = [], [], set()
+  presence, audio_from_video = {}, {}
+  dataset_dir = _dataset_dir(output_dir, settings)
+  for split, items in by_split.items():
+    lengths = [r["written"] for _, r in items]
+    if not sum(lengths):
+      empty_splits.append(split)
+      for job, _ in items:
+        os.remove(job.shard_path)
+      log(f"{split}: no usable item; the split is left out.")
+      continue
+    split_infos.append(tfds.core.SplitInfo(
+        name=split, shard_lengths=lengths, num_bytes=sum(r["num_bytes"] for _, r in items),
+        filename_template=tfds.core.ShardedFileTemplate(
+            data_dir=dataset_dir, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+            dataset_name=shards.DATASET_NAME, split=split, filetype_suffix="array_record")))
+    names = list(MODALITY_ORDER) + list(schema.FEATURES)
+    presence[split] = {m: sum(r["presence"].get(m, 0) for _, r in items) for m in names}
+    audio_from_video[split] = sum(r["audio_from_video"] for _, r in items)
+    for _, r in items:
+      labels.update(r["labels"])
+  if not split_infos:
+    raise ConversionError(f"{plan['raw_dir']}: no split has a usable item.")
+  tfds.folder_dataset.write_metadata(
+      data_dir=dataset_dir, features=schema.features(settings.n_mels), split_infos=split_infos,
+      version=schema.RECORD_VERSION, check_data=False,
+      description="M5Product e-commerce products in five modalities, converted by m5p.")
+  items_in = sum(r["items_in"] for r in reports.values())
+  written = sum(r["written"] for r in reports.values())
+  skipped_n = sum(v["count"] for v in skipped.report().get("", {}).values())
+  if items_in != written + skipped_n:
+    raise AssertionError(f"lost items: {items_in} in != {written} written + {skipped_n} skipped")
+  group_of, _, _ = shards.side_info(plan["raw_dir"])
+  id_lists = raw_layout.read_id_lists(plan["raw_dir"])
+  manifest = {
+      "record_version": schema.RECORD_VERSION,
+      "dataset_dir": os.path.relpath(dataset_dir, output_dir),
+      "tokenizer": TOKENIZER,
+      "splits": {s.name: int(sum(s.shard_lengths)) for s in sorted(split_infos, key=lambda s: s.name)},
+      "shards": {s.name: len(s.shard_lengths) for s in sorted(split_infos, key=lambda s: s.name)},
+      "conversion": {
+          **plan["settings"], "frames_per_second": 1.0,
+          "audio_sample_rate": schema.AUDIO_SAMPLE_RATE, "audio_n_fft": schema.AUDIO_N_FFT,
+          "audio_hop": schema.AUDIO_HOP, "num_shards": plan["num_shards"],
+          "vocab_size": plan["vocab_size"], "tokenizer_splits": tok_splits,
+          "raw_dir": plan["raw_dir"], "seconds": round(time.time() - t_start, 1),
+          "shard_seconds": round(sum(r["seconds"] for r in reports.values()), 1),
+      },
+      "presence": dict(sorted(presence.items())),
+      "audio_from_video": dict(sorted(audio_from_video.items())),
+      "faults": faults.report(),
+      "skipped": skipped.report().get("", {}),
+      "empty_splits": sorted(empty_splits),
+      "items_in": items_in,
+      "items_written": written,
+      "num_categories": (max(labels) + 1) if labels else 0,
+      "labels_seen": len(labels),
+      "fine_groups": len(set(group_of.values())),
+  }
+  if id_lists:
+    manifest["splits_files"] = id_lists
+  tmp = os.path.join(output_dir, MANIFEST + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, ensure_ascii=False, indent=1)
+  os.replace(tmp, os.path.join(output_dir, MANIFEST))
+  return manifest
 
 
 def convert(raw_dir: str, output_dir: str, *, image_size: int, max_frames: int, n_mels: int,
             max_audio_seconds: float, num_shards: int, vocab_size: int,
             workers: int | None = None, overwrite: bool = False,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            num_tasks: int = 1, task_index: int = 0, beam_runner: str | None = None,
+            beam_options: Sequence[str] = (),
+            log: Callable[[str], None] = print) -> dict[str, Any] | None:
   """Converts the raw layout at `raw_dir` into `output_dir`; returns the manifest.
 
   Args:
     raw_dir: the raw M5Product layout (shared/M5PRODUCT_LAYOUT.md).
-    output_dir: created if needed; must not hold a conversion unless
+    output_dir: created if needed. An unfinished conversion there with the
+      same inputs and settings is resumed (finished shards are kept); a
+      finished one, or one with other settings, is refused unless
       `overwrite`.
     image_size, max_frames, n_mels, max_audio_seconds: what records store
       (square JPEG side, 1 fps frames kept, log-mel bins, seconds of audio).
     num_shards: ArrayRecord shards per split (fewer for a split with fewer
-      examples).
+      items); shards are the unit of work and of resumption.
     vocab_size: SentencePiece vocabulary (a small corpus may give fewer).
     workers: media-decoding processes; None = os.cpu_count(); 0 = decode in
       this process (then a crashing decoder ends the conversion; with workers
       it only costs that item's media, fault 'crashed'). The records do not
-      depend on it.
+      depend on it. Beam tasks always decode in their own process.
     overwrite: replace an earlier conversion in `output_dir`.
+    num_tasks, task_index: with num_tasks > 1, convert only the shards
+      k with k % num_tasks == task_index (a job-array task) and return None;
+      a final run with num_tasks=1 skips the finished shards and finishes.
+    beam_runner: run the shards on Apache Beam (e.g. 'DirectRunner',
+      'DataflowRunner'; needs `pip install m5p[beam]` and an `output_dir`
+      every worker can write), with `beam_options` as Beam command-line flags.
     log: progress and summary lines.
 
   Counts in the manifest: `faults` and `presence` count items (an item with
@@ -127,98 +353,42 @@ def convert(raw_dir: str, output_dir: str, *, image_size: int, max_frames: int, 
 
   Raises:
     ConversionError: missing `raw_dir`, no split file, unreadable JSON (the
-      message names the file), no usable item, or an earlier conversion.
+      message names the file), no usable item, or a conflicting earlier
+      conversion.
   """
   t_start = time.time()
   raw_layout.check_root(raw_dir)
-  split_paths = raw_layout.find_splits(raw_dir)
-  id_lists = raw_layout.read_id_lists(raw_dir)
-  raw_layout.read_fine_groups(raw_dir)  # Fail now, not after hours of decoding.
-  # Reading every split file once up front finds broken JSON before any
-  # decoding and gives the totals for progress lines.
-  t0 = time.time()
-  totals = {s: sum(1 for _ in raw_layout.iter_entries(p)) for s, p in split_paths.items()}
-  log(f"splits: {', '.join(f'{s} {n}' for s, n in totals.items())} items "
-      f"(read in {time.time() - t0:.1f} s)")
+  if not 0 <= task_index < num_tasks:
+    raise ConversionError(f"task_index {task_index} is not in [0, num_tasks={num_tasks}).")
+  settings = shards.Settings(image_size, max_frames, n_mels, float(max_audio_seconds))
   os.makedirs(output_dir, exist_ok=True)
-  _clear_previous(output_dir, overwrite)
+  plan = _load_or_write_plan(raw_dir, output_dir, settings, num_shards, vocab_size,
+                             overwrite and task_index == 0, log)
+  jobs = _jobs(plan, output_dir, settings)
+  todo = [j for k, j in enumerate(jobs) if k % num_tasks == task_index and not j.is_done()]
   if workers is None:
     workers = os.cpu_count() or 1
-
-  # 1. Tokenizer, on the train split's text (all splits if there is no 'train').
-  tok_splits = ["train"] if "train" in split_paths else list(split_paths)
   t0 = time.time()
-  lines = list(_tokenizer_lines([split_paths[s] for s in tok_splits], MAX_TOKENIZER_LINES))
-  if not any(l.strip() for l in lines) and tok_splits != list(split_paths):
-    tok_splits = list(split_paths)
-    lines = list(_tokenizer_lines([split_paths[s] for s in tok_splits], MAX_TOKENIZER_LINES))
-  if not any(l.strip() for l in lines):
-    raise ConversionError(f"{raw_dir}: no title or table text in any split to train the tokenizer on.")
-  try:
-    train_tokenizer(lines, vocab_size, os.path.join(output_dir, TOKENIZER))
-  except RuntimeError as e:  # SentencePiece: e.g. vocab_size below 256 bytes + characters.
-    raise ConversionError(f"tokenizer training failed with vocab_size={vocab_size}: {e}") from None
-  log(f"tokenizer: {len(lines)} lines of {'+'.join(tok_splits)} in {time.time() - t0:.1f} s "
-      f"-> {TOKENIZER}")
-  del lines
-
-  # 2. Records.
-  config = M5ProductConfig.from_settings(image_size, max_frames, n_mels, max_audio_seconds)
-  if config.name in {c.name for c in M5Product.BUILDER_CONFIGS}:
-    config = config.name  # TFDS refuses a custom config named like a predefined one.
-  builder = M5Product(data_dir=os.path.join(output_dir, TFDS_SUBDIR), config=config,
-                      file_format="array_record", workers=workers, log=log)
-  builder.expected_items = totals
-  t0 = time.time()
-  builder.download_and_prepare(download_config=_DownloadConfig(
-      manual_dir=raw_dir, num_shards=num_shards, try_download_gcs=False))
-  build_s = time.time() - t0
-  _remove_empty_tree(os.path.join(output_dir, TFDS_SUBDIR, "downloads"))  # TFDS makes it anyway.
-
-  # 3. Manifest.
-  st = builder.stats
-  items_in = sum(st.items_in.values())
-  written = sum(st.written.values())
-  skipped = st.skipped_total()
-  if items_in != written + skipped:
-    raise AssertionError(f"lost items: {items_in} in != {written} written + {skipped} skipped")
-  splits = {name: int(info.num_examples) for name, info in builder.info.splits.items()}
-  if sum(splits.values()) != written:
-    raise AssertionError(f"TFDS wrote {splits} but {written} examples were yielded")
-  groups = sorted(set(builder._group_of.values()))  # pylint: disable=protected-access
-  manifest = {
-      "record_version": schema.RECORD_VERSION,
-      "dataset_dir": os.path.relpath(os.fspath(builder.data_dir), output_dir),
-      "tokenizer": TOKENIZER,
-      "splits": dict(sorted(splits.items())),
-      "conversion": {
-          "image_size": image_size, "max_frames": max_frames, "frames_per_second": 1.0,
-          "n_mels": n_mels, "max_audio_seconds": max_audio_seconds,
-          "audio_sample_rate": schema.AUDIO_SAMPLE_RATE, "audio_n_fft": schema.AUDIO_N_FFT,
-          "audio_hop": schema.AUDIO_HOP, "num_shards": num_shards, "vocab_size": vocab_size,
-          "tokenizer_splits": tok_splits, "raw_dir": os.path.abspath(raw_dir),
-          "seconds": round(time.time() - t_start, 1),
-      },
-      "presence": {s: {m: int(st.presence[s][m]) for m in MODALITY_ORDER}
-                   for s in sorted(splits)},
-      "audio_from_video": {s: int(st.audio_from_video[s]) for s in sorted(splits)},
-      "faults": st.faults.report(),
-      "skipped": st.skipped_report(),
-      "empty_splits": st.empty_splits,
-      "items_in": items_in,
-      "items_written": written,
-      "num_categories": (max(st.labels) + 1) if st.labels else 0,
-      "labels_seen": len(st.labels),
-      "fine_groups": len(groups),
-  }
-  if id_lists:
-    manifest["splits_files"] = id_lists
-  tmp = os.path.join(output_dir, MANIFEST + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(manifest, f, ensure_ascii=False, indent=1)
-  os.replace(tmp, os.path.join(output_dir, MANIFEST))
-  log(f"records: {items_in} items in, {written} written, {skipped} skipped, "
-      f"in {build_s:.1f} s ({items_in / max(build_s, 1e-9):.1f} items/s, {workers} workers)")
+  if beam_runner:
+    _run_beam(todo, beam_runner, beam_options, log)
+  elif todo:
+    _run_local(todo, workers, log)
+  if todo:
+    n = sum(j.stop - j.start for j in todo)
+    dt = max(time.time() - t0, 1e-9)
+    log(f"records: {len(todo)} shards, {n} items in {dt:.1f} s ({n / dt:.1f} items/s, "
+        f"{'Beam ' + beam_runner if beam_runner else f'{workers} workers'})")
+  if num_tasks > 1:
+    left = sum(not j.is_done() for j in jobs)
+    log(f"task {task_index}/{num_tasks} done; {left} of {len(jobs)} shards left in all. "
+        "When all tasks are done, run once more without num_tasks to finish.")
+    return None
+  missing = [j.file_name for j in jobs if not j.is_done()]
+  if missing:
+    raise ConversionError(f"{len(missing)} shards are not done (e.g. {missing[0]}).")
+  manifest = _finalize(plan, jobs, output_dir, settings, t_start, log)
+  log(f"done: {manifest['items_in']} items in, {manifest['items_written']} written, "
+      f"{manifest['items_in'] - manifest['items_written']} skipped, in {time.time() - t_start:.1f} s")
   return manifest
 
 

@@ -35,7 +35,8 @@ class MediaError(Exception):
   """A media file that cannot be used; `reason` is a short slug for reports.
 
   Reasons: 'missing', 'empty', 'unsafe_path', 'truncated', 'undecodable',
-  'too_large', 'no_stream', 'no_frames', 'too_short'.
+  'too_large', 'no_stream', 'no_frames', 'too_short'; for .npy features also
+  'bad_dtype', 'bad_shape', 'not_finite'.
   """
 
   def __init__(self, reason: str, detail: str = ""):
@@ -45,24 +46,22 @@ class MediaError(Exception):
 
 
 def safe_join(root: str, *parts: str) -> str | None:
-  """`root/parts...` if it exists and stays inside `root`, else None.
+  """`root/parts...` if it exists and resolves inside `root`, else None.
 
   `parts` are a media folder and a file name built from an item id that the
   raw reader has already checked (no separators, no '..'). Symlinks are
-  followed only where they stay inside the real `root` or inside the real
-  media folder (`root/parts[0]`), so a media folder may itself be a link to
-  another disk but a single file cannot point elsewhere.
+  followed only where they stay inside the real `root` (which may itself be
+  a link): a file or a media folder pointing elsewhere is refused
+  ('unsafe_path'), so a hostile layout cannot make the converter read
+  outside the folder it was given.
   """
   path = os.path.join(root, *parts)
   if not os.path.lexists(path):
     return None
   real = os.path.realpath(path)
-  allowed = [os.path.realpath(root)]
-  if len(parts) > 1:
-    allowed.append(os.path.realpath(os.path.join(root, parts[0])))
-  for base in allowed:
-    if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
-      return path
+  base = os.path.realpath(root)
+  if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+    return path
   raise MediaError("unsafe_path", f"{path} resolves outside {root}")
 
 
@@ -372,6 +371,44 @@ def load_audio_logmel(path: str, max_seconds: float = 12.0, n_mels: int = 80) ->
 # One item's media, as the converter wants it (runs in worker processes).
 
 
+MAX_FEATURE_VALUES = 1 << 22  # 4M numbers (16 MiB as float32) per feature file.
+FEATURE_MODALITIES = {"image_feature": "image", "video_feature": "video",
+                      "audio_feature": "audio"}
+
+
+def load_feature(path: str) -> np.ndarray:
+  """A precomputed feature `.npy` as float16 [N, D], loaded without pickle.
+
+  A 1-D array is one row. Object arrays, .npz archives, non-numeric dtypes,
+  empty or >2-D arrays, values beyond float16 range or not finite raise
+  MediaError; nothing in the file can execute code (allow_pickle=False).
+  """
+  _check_file(path)
+  with open(path, "rb") as f:
+    if f.read(6) != b"\x93NUMPY":  # Also refuses .npz archives and pickles.
+      raise MediaError("undecodable", f"{path}: not a .npy array")
+  try:  # Memory-mapped: the header is checked before any data is read.
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+  except ValueError as e:  # Object arrays (need pickle), or data shorter than the header says.
+    reason = "bad_dtype" if "object" in str(e).lower() or "pickle" in str(e) else "truncated"
+    raise MediaError(reason, f"{path}: {e}") from None
+  except (OSError, EOFError, SyntaxError) as e:
+    raise MediaError("undecodable", f"{path}: not a .npy array ({e})") from None
+  shape, dtype = arr.shape, arr.dtype
+  if dtype.hasobject or dtype.kind not in "fiu":
+    raise MediaError("bad_dtype", f"{path}: dtype {dtype}")
+  if len(shape) not in (1, 2) or 0 in shape:
+    raise MediaError("bad_shape", f"{path}: shape {shape}")
+  if int(np.prod(shape)) > MAX_FEATURE_VALUES:
+    raise MediaError("too_large", f"{path}: shape {shape}")
+  arr = np.asarray(arr, np.float32).reshape(-1, shape[-1])
+  with np.errstate(over="ignore", invalid="ignore"):
+    out = arr.astype(np.float16)
+  if not np.isfinite(out).all():
+    raise MediaError("not_finite", f"{path}: NaN, inf or beyond float16 range")
+  return out
+
+
 @dataclasses.dataclass
 class ItemMedia:
   image: list[bytes]  # 0 or 1 JPEG.
@@ -379,6 +416,7 @@ class ItemMedia:
   audio: np.ndarray  # [T, n_mels] float16; 0 rows when absent.
   faults: list[str]  # 'modality:reason'.
   audio_from_video: bool = False
+  features: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # name: [N, D] f16.
 
 
 def _reason(e: Exception) -> str:
@@ -387,7 +425,7 @@ def _reason(e: Exception) -> str:
 
 def decode_item_media(paths: dict[str, str], image_size: int, max_frames: int,
                       n_mels: int, max_audio_seconds: float) -> ItemMedia:
-  """Decodes whatever of {'image', 'video', 'audio': path} exists.
+  """Decodes whatever of {'image', 'video', 'audio', '*_feature': path} exists.
 
   A file that fails leaves its modality empty and adds 'modality:reason' to
   `faults` (unexpected exceptions count as 'undecodable'; nothing raises).
@@ -421,4 +459,10 @@ def decode_item_media(paths: dict[str, str], image_size: int, max_frames: int,
         out.faults.append(f"audio:{e.reason}")
     except Exception:  # pylint: disable=broad-except
       out.faults.append("audio:undecodable")
+  for name in FEATURE_MODALITIES:
+    if name in paths:
+      try:
+        out.features[name] = load_feature(paths[name])
+      except Exception as e:  # pylint: disable=broad-except
+        out.faults.append(f"{name}:{_reason(e)}")
   return out

@@ -36,20 +36,32 @@ def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
                            prefetch_buffer_size=max(int(config.data.prefetch), 1) * 8)
 
 
-def local_batch_size(global_batch: int) -> int:
-  if global_batch % jax.process_count():
-    raise ValueError(f"batch_size {global_batch} is not divisible by the {jax.process_count()} processes.")
-  return global_batch // jax.process_count()
+def local_batch_size(global_batch: int, process_count: int | None = None) -> int:
+  count = jax.process_count() if process_count is None else process_count
+  if global_batch % count:
+    raise ValueError(f"batch_size {global_batch} is not divisible by the {count} processes.")
+  return global_batch // count
 
 
-def train_dataset(config: ml_collections.ConfigDict, data_dir: str,
-                  split: str | None = None) -> grain.IterDataset:
-  """The endless, shuffled, masked training stream of this process's batches."""
+def train_dataset(config: ml_collections.ConfigDict, data_dir: str, split: str | None = None, *,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+  """The endless, shuffled, masked training stream of this process's batches.
+
+  Process p of P reads records p, p + P, p + 2P, ... of the split (its own
+  slice of the source; every record belongs to exactly one process) and
+  shuffles them with the shared seed, a new order each epoch; the trainer
+  assembles the global batch from all processes' batches with
+  `jax.make_array_from_process_local_data`. `process_index`/`process_count`
+  default to JAX's (tests pass them to simulate several hosts).
+  """
   split = split or config.data.train_split
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
   ds = _indexed_source(data_dir, split)
   n = len(ds)
-  ds = ds[jax.process_index()::jax.process_count()]
-  b = local_batch_size(config.batch_size)
+  ds = ds[index::count]
+  b = local_batch_size(config.batch_size, count)
   if len(ds) < b:
     raise ValueError(f"Split '{split}' has {n} records; fewer than one batch of {b} per process.")
   ds = ds.shuffle(seed=config.seed).repeat(None)

@@ -17,16 +17,21 @@ import os
 import re
 from typing import Any, Iterator
 
+import ijson
+
 from m5p.data import media
 
 PV_PAIR_SEP = "#;#"
 PV_KV_SEP = "#:#"
 
-MEDIA_DIRS = {"image": "images", "video": "videos", "audio": "audios"}
+MEDIA_DIRS = {"image": "images", "video": "videos", "audio": "audios",
+              "image_feature": "image_feature", "video_feature": "video_feature",
+              "audio_feature": "audio_feature"}
 MEDIA_EXTS = {
     "image": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"),
     "video": (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".flv"),
     "audio": (".mp3", ".wav", ".m4a", ".flac", ".ogg", ".aac", ".opus"),
+    "image_feature": (".npy",), "video_feature": (".npy",), "audio_feature": (".npy",),
 }
 SPLIT_SUFFIXES = ("_id_label.jsonl", "_id_label.json")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -89,23 +94,23 @@ def find_splits(root: str) -> dict[str, str]:
   return dict(sorted(found.items()))
 
 
-def _pairs_hook(pairs):
-  return pairs  # Keeps duplicate keys and order; entries become dicts below.
-
-
-def _as_dict(obj) -> Any:
-  if isinstance(obj, list) and all(isinstance(p, tuple) and len(p) == 2 for p in obj):
-    return {k: _as_dict(v) for k, v in obj}
-  return obj
+def _first_char(path: str) -> bytes:
+  with open(path, "rb") as f:
+    while chunk := f.read(4096):
+      stripped = chunk.lstrip().lstrip(b"\xef\xbb\xbf").lstrip()  # Whitespace, BOM.
+      if stripped:
+        return stripped[:1]
+  return b""
 
 
 def iter_entries(path: str) -> Iterator[tuple[Any, Any]]:
-  """Yields (item_id, entry) in file order.
+  """Yields (item_id, entry) in file order, streamed (memory does not grow with the file).
 
   `.json`: one object keyed by item id (duplicated keys are all yielded), or a
-  list of objects with "item_id". `.jsonl`: one object with "item_id" a line,
-  streamed. A line or file that is not JSON raises ConversionError; an
-  entry without an id is yielded with item_id None.
+  list of objects with "item_id". `.jsonl`: one object with "item_id" a line.
+  A line or file that is not JSON raises ConversionError naming it (for a
+  `.json` file, possibly after earlier entries were yielded); an entry
+  without an id is yielded with item_id None.
   """
   try:
     if path.endswith(".jsonl"):
@@ -119,24 +124,25 @@ def iter_entries(path: str) -> Iterator[tuple[Any, Any]]:
             raise ConversionError(f"{path}:{lineno}: not valid JSON ({e})") from None
           yield (obj.get("item_id") if isinstance(obj, dict) else None), obj
       return
-    with open(path, encoding="utf-8") as f:
+    first = _first_char(path)
+    if first not in (b"{", b"["):
+      what = "empty" if not first else f"starts with {first!r}"
+      raise ConversionError(f"{path}: not valid JSON ({what}); expected an object keyed by item id")
+    with open(path, "rb") as f:
+      if f.read(3) != b"\xef\xbb\xbf":  # Skip a UTF-8 byte-order mark.
+        f.seek(0)
       try:
-        data = json.load(f, object_pairs_hook=_pairs_hook)
-      except json.JSONDecodeError as e:
+        if first == b"{":  # The documented form: {item_id: {...}}.
+          yield from ijson.kvitems(f, "", use_float=True)
+        else:
+          for obj in ijson.items(f, "item", use_float=True):
+            yield (obj.get("item_id") if isinstance(obj, dict) else None), obj
+      except (ijson.JSONError, ijson.IncompleteJSONError) as e:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
   except UnicodeDecodeError as e:
     raise ConversionError(f"{path}: not UTF-8 text ({e})") from None
   except OSError as e:
     raise ConversionError(f"{path}: cannot read ({e})") from None
-  if isinstance(data, list) and all(isinstance(p, tuple) and len(p) == 2 for p in data):
-    for key, value in data:  # The documented form: {item_id: {...}}.
-      yield key, _as_dict(value)
-  elif isinstance(data, list):
-    for obj in data:
-      obj = _as_dict(obj)
-      yield (obj.get("item_id") if isinstance(obj, dict) else None), obj
-  else:
-    raise ConversionError(f"{path}: expected an object keyed by item id, got {type(data).__name__}")
 
 
 # ---------------------------------------------------------------------------

@@ -1,23 +1,30 @@
 """The record schema: what one converted product looks like on disk.
 
-Records are written by the TFDS builder (`m5p.data.m5product_builder`) as
-ArrayRecord; TFDS's `features.json` makes them self-describing and no record
-is ever pickled. Media are stored decoded-and-resized-then-re-encoded (JPEG
+Records are written by `m5p.data.shards` as ArrayRecord in TFDS's layout;
+TFDS's `features.json` makes them self-describing and no record is ever
+pickled. Media are stored decoded-and-resized-then-re-encoded (JPEG
 images and frames at the training resolution) or as arrays (log-mel), so the
 input pipeline only decodes small JPEGs. A modality is absent when its field
 is empty; `faults` says why for damaged inputs.
 
-Bump `RECORD_VERSION` (and the builder's VERSION) for any change here.
+Precomputed features (`image_feature/<id>.npy` ... in the raw layout) are
+stored flat as float16 with their [N, D] shape beside them (TFDS's numpy
+decoder handles one dynamic dimension only); `flat_feature` and
+`feature_array` convert.
+
+Bump `RECORD_VERSION` for any change here.
 """
 import numpy as np
 import tensorflow_datasets as tfds
 
-RECORD_VERSION = "1.0.0"
+RECORD_VERSION = "1.1.0"  # 1.1.0: precomputed features, id-list membership.
 
 # Audio front end (authors' code: 16 kHz mono, n_fft 1024, hop 256, 80 mels, 12 s).
 AUDIO_SAMPLE_RATE = 16000
 AUDIO_N_FFT = 1024
 AUDIO_HOP = 256
+
+FEATURES = ("image_feature", "video_feature", "audio_feature")  # Precomputed, as released.
 
 
 def features(n_mels: int = 80) -> tfds.features.FeaturesDict:
@@ -37,4 +44,23 @@ def features(n_mels: int = 80) -> tfds.features.FeaturesDict:
                                      encoding=tfds.features.Encoding.BYTES),  # log-mel, 0 rows if absent.
       # BYTES: raw float16 (a tf.Example float list is 2x bigger and ~15x slower to write).
       "faults": tfds.features.Sequence(tfds.features.Text()),  # e.g. 'video:undecodable'.
+      "lists": tfds.features.Sequence(tfds.features.Text()),  # splits/<name>_ids.txt holding it.
+      **{f"{name}{suffix}": feature for name in FEATURES for suffix, feature in (
+          ("", tfds.features.Tensor(shape=(None,), dtype=np.float16,
+                                    encoding=tfds.features.Encoding.BYTES)),
+          ("_shape", tfds.features.Tensor(shape=(2,), dtype=np.int32)))},
   })
+
+
+def flat_feature(array: np.ndarray | None) -> dict[str, np.ndarray]:
+  """[N, D] (or None: absent) -> the record's (flat float16, shape) pair."""
+  if array is None:
+    return {"": np.zeros((0,), np.float16), "_shape": np.zeros((2,), np.int32)}
+  return {"": np.ascontiguousarray(array, np.float16).reshape(-1),
+          "_shape": np.asarray(array.shape, np.int32)}
+
+
+def feature_array(record: dict, name: str) -> np.ndarray:
+  """The record's `name` feature as float16 [N, D] ([0, 0] when absent)."""
+  n, d = (int(v) for v in record[f"{name}_shape"])
+  return np.asarray(record[name], np.float16).reshape(n, d)
