@@ -68,22 +68,25 @@ def test_eval_batches_cover_the_split_once(tiny_dataset):
   assert jax.process_count() == 1
 
 
-def test_processes_read_disjoint_shards_covering_each_epoch(tiny_dataset):
-  """Simulated hosts: each reads its own slice; together, every record once an epoch."""
+def test_processes_read_disjoint_rows_and_the_same_global_batches(tiny_dataset):
+  """Simulated hosts: each reads its own rows; together, every record once an
+  epoch, and the global batches (masking included) equal a one-process run's."""
   from m5p.data import convert
   n = convert.load_manifest(tiny_dataset)["splits"]["train"]
+  steps = n // 8 + 1  # Past the end of the first epoch.
+  single = _take(iter(pipeline.train_dataset(tiny_config(batch_size=8), tiny_dataset)), steps)
   for count in (2, 4):
-    c = tiny_config(batch_size=4 * count)  # 4 examples per process and step.
-    epochs = []
-    for index in range(count):
-      it = iter(pipeline.train_dataset(c, tiny_dataset, process_index=index, process_count=count))
-      own = len(range(index, n, count))
-      stream = np.concatenate([b["index"] for b in _take(it, own // 4 + 1)])
-      first_epoch = stream[:own].tolist()
-      assert sorted(first_epoch) == list(range(index, n, count))  # Exactly its slice, once.
-      epochs.append(first_epoch)
-    union = sorted(i for e in epochs for i in e)
-    assert union == list(range(n)), count  # No overlap, nothing missing.
+    c = tiny_config(batch_size=8)
+    local = [_take(iter(pipeline.train_dataset(c, tiny_dataset, process_index=p,
+                                               process_count=count)), steps)
+             for p in range(count)]
+    for step in range(steps):
+      rebuilt = {k: np.concatenate([local[p][step][k] for p in range(count)]) for k in single[step]}
+      assert _same(rebuilt, single[step]), (count, step)
+    first_epoch = [(p, int(i)) for p in range(count)
+                   for pos, i in enumerate(np.concatenate([b["index"] for b in local[p]]))
+                   if (pos // (8 // count)) * 8 + p * (8 // count) + pos % (8 // count) < n]
+    assert sorted(i for _, i in first_epoch) == list(range(n)), count  # Once each, no overlap.
 
 
 def test_a_process_resumes_its_own_sequence(tiny_dataset):

@@ -77,6 +77,16 @@ def _damaged(summary):
   return {d["path"]: d["kind"] for d in summary["damaged"]}
 
 
+def _category_sizes(plan):
+  return np.bincount(plan.inst_category[plan.owner], minlength=len(plan.cats)).tolist()
+
+
+def _small(out, n, **kw):
+  """A quick set: tiny pictures, few videos and sounds."""
+  kw = dict(dict(image_size=16, video_fraction=0.2, audio_fraction=0.2), **kw)
+  return synthetic.generate(str(out), n, **kw)
+
+
 def test_layout_exists_and_parses(raw):
   out, summary = raw
   splits = _load(out)
@@ -114,6 +124,8 @@ def test_layout_exists_and_parses(raw):
     groups = json.load(f)
   assert set(groups) <= set(train) | set(test)
   assert synthetic.load_summary(out)["params"]["num_products"] == N
+  assert summary["split_files"] == "json"
+  assert not any(os.path.exists(os.path.join(out, d)) for d in synthetic.FEATURE_DIRS.values())
 
 
 def test_media_decode(raw):
@@ -171,11 +183,11 @@ def test_damaged_files_exist_and_are_undecodable(raw):
   assert os.path.getsize(os.path.join(out, next(
       d["path"] for d in summary["damaged"] if d["kind"] == "empty_mp4"))) == 0
   # At least 2 per kind from 200 products on; none when asked for none (planning alone is cheap).
-  _, _, items = synthetic._plan(200, 0, 0.45, 0.45, 0.01, None, 0.0)
-  per_kind = collections.Counter(k for it in items for k in it.damage.values())
+  plan = synthetic._plan(200, 0, 0.45, 0.45, 0.01, None, 0.0)
+  per_kind = collections.Counter(k for it in plan.items() for k in it.damage.values())
   assert min(per_kind[k] for k in synthetic.DAMAGE_KINDS) >= 2
-  _, _, items = synthetic._plan(200, 0, 0.45, 0.45, 0.0, None, 0.0)
-  assert not any(it.damage for it in items)
+  plan = synthetic._plan(200, 0, 0.45, 0.45, 0.0, None, 0.0)
+  assert not plan.damage.any()
 
 
 def test_same_seed_same_bytes_other_seed_differs(raw, tmp_path):
@@ -195,9 +207,9 @@ def test_categories_are_long_tailed(raw):
   assert sizes[0] >= 3 * sizes[-1]
   assert sizes[-1] >= 4
   # At demo scale: C = N // 40 categories, head ~10x the tail.
-  cats, instances, items = synthetic._plan(1200, 0, 0.45, 0.45, 0.01, None, 0.0)
-  assert len(cats) == 30
-  sizes = sorted(collections.Counter(instances[it.instance].category for it in items).values())
+  plan = synthetic._plan(1200, 0)
+  assert len(plan.cats) == 30
+  sizes = sorted(_category_sizes(plan))
   assert len(sizes) == 30 and sizes[-1] >= 8 * sizes[0] and sizes[0] >= 4
 
 
@@ -324,10 +336,14 @@ def test_refuses_a_foreign_folder_and_cli_runs(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "make_synthetic.py"), f"--output_dir={out}",
        "--num_products=24", "--seed=1", "--video_fraction=0.2", "--audio_fraction=0.2",
-       "--log_every=0"], capture_output=True, text=True, timeout=120)
+       "--image_size=16", "--num_categories=5", "--zipf_exponent=0.5", "--group_size_range=2,3",
+       "--caption_quality=0.8,0.1,0.1", "--feature_fraction=0.5", "--feature_only_fraction=0.5",
+       "--split_format=jsonl", "--log_every=0"], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
-  assert "wrote 24 items" in proc.stdout
-  assert (out / "train_id_label.json").exists()
+  assert "wrote 24 items" in proc.stdout and "items/s, peak RSS" in proc.stdout
+  assert (out / "train_id_label.jsonl").exists() and not (out / "train_id_label.json").exists()
+  assert os.listdir(out / "image_feature")
+  assert synthetic.load_summary(str(out))["summary"]["num_categories"] == 5
   # Regenerating into a generated folder replaces it.
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "make_synthetic.py"), f"--output_dir={out}",
@@ -335,3 +351,208 @@ def test_refuses_a_foreign_folder_and_cli_runs(tmp_path):
       timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert sum(len(json.loads((out / f"{s}_id_label.json").read_text())) for s in ("train", "test")) == 16
+  assert not list(out.glob("*.jsonl")) and not os.listdir(out / "image_feature")
+
+
+# ---------------------------------------------------------------------------
+# Knobs, features, split files, bounded memory.
+
+
+def test_num_categories_and_zipf_exponent(tmp_path):
+  plan = synthetic._plan(2000, 0, num_categories=100, zipf_exponent=0.0)
+  sizes = _category_sizes(plan)
+  assert len(plan.cats) == 100 and sum(sizes) == 2000 and max(sizes) - min(sizes) <= 1
+  steep = sorted(_category_sizes(synthetic._plan(2000, 0, num_categories=20, zipf_exponent=1.5)))
+  mild = sorted(_category_sizes(synthetic._plan(2000, 0, num_categories=20)))
+  assert steep[-1] / steep[0] > 2 * mild[-1] / mild[0]
+  # Synthesized categories stay apart: names and pictures up to 400, sounds up to 120.
+  cats = synthetic._make_categories(synthetic.MAX_SYNTH_CATEGORIES, np.random.default_rng(0))
+  assert len({c.name for c in cats}) == 400
+  assert len({(c.shape, c.pattern, c.hue) for c in cats}) == 400
+  assert len({(c.pitch_hz, c.tempo, c.chord) for c in cats[:120]}) == 120
+  variant = next(c for c in cats if c.name not in {f"{e[0]} {e[1]}" for e in synthetic.CATEGORY_POOL})
+  title = synthetic.make_title(variant, synthetic._make_instance(0, variant, 1, "train", 0),
+                               np.random.default_rng(0))
+  assert any(w in title for m in synthetic.MODIFIERS for w in (m[0], *m[2], m[3]))
+  with pytest.raises(ValueError, match="num_categories"):
+    synthetic.generate(str(tmp_path / "x"), 1000, num_categories=401)
+  with pytest.raises(ValueError, match="num_categories"):
+    synthetic.generate(str(tmp_path / "x"), 20, num_categories=21)
+
+
+def test_attributes_and_instance_groups(tmp_path):
+  plan = synthetic._plan(1000, 0, attributes_per_category=5, multi_listing_fraction=0.6,
+                         group_size_range=(3, 5))
+  assert all(len(c.keys) == 5 for c in plan.cats) and len(plan.instance(0).attrs) == 5
+  multi = plan.inst_items[plan.inst_items > 1]
+  assert multi.max() <= 5 and np.mean(multi >= 3) > 0.9  # Shorter only where a category runs out.
+  assert 0.5 < len(multi) / len(plan.inst_items) < 0.7
+  assert (synthetic._plan(300, 0, multi_listing_fraction=0.0).inst_items == 1).all()
+  with pytest.raises(ValueError, match="group_size_range"):
+    synthetic.generate(str(tmp_path / "x"), 100, group_size_range=(1, 3))
+  with pytest.raises(ValueError, match="attributes_per_category"):
+    synthetic.generate(str(tmp_path / "x"), 100, attributes_per_category=6)
+
+
+def test_caption_quality_mix(tmp_path):
+  n, mix = 80, (0.6, 0.25, 0.15)
+  out = tmp_path / "captions"
+  s = _small(out, n, caption_quality=mix, video_fraction=0.0, audio_fraction=0.0)
+  m = s["modalities"]
+  assert (m["title_noisy"], m["title_poor"]) == (round(0.25 * n), round(0.15 * n))
+  plan = synthetic._plan(n, 0, 0.0, 0.0, caption_quality=mix)
+  splits = _load(str(out))
+  entries = {**splits["train"], **splits["test"]}
+  names_own = collections.defaultdict(list)  # Does the title name the item's own category?
+  for it in plan.items():
+    cat = plan.cats[plan.inst_category[it.instance]]
+    names_own[it.title_mode].append(cat.zh in entries[it.item_id]["title"])
+  assert len(names_own["poor"]) == m["title_poor"]
+  assert np.mean(names_own["ok"]) > 0.6 and np.mean(names_own["poor"]) < 0.2
+  with pytest.raises(ValueError, match="caption_quality"):
+    synthetic.generate(str(tmp_path / "x"), 100, caption_quality=(0.5, 0.1, 0.1))
+
+
+FEATURE_KW = dict(image_size=16, video_fraction=0.5, audio_fraction=0.5, feature_fraction=0.75,
+                  feature_only_fraction=0.6)
+
+
+@pytest.fixture(scope="module")
+def feat(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("features") / "raw")
+  summary = synthetic.generate(out, 160, seed=1, **FEATURE_KW)
+  plan = synthetic._plan(160, 1, 0.5, 0.5, feature_fraction=0.75, feature_only_fraction=0.6)
+  return out, summary, plan
+
+
+def _feature(out, modality, item_id):
+  path = os.path.join(out, synthetic.FEATURE_DIRS[modality], f"{item_id}.npy")
+  return np.load(path, allow_pickle=False) if os.path.exists(path) else None
+
+
+def test_feature_files(feat):
+  out, s, plan = feat
+  m = s["modalities"]
+  stems = {sub: {name.split(".")[0] for name in os.listdir(os.path.join(out, sub))}
+           for sub in synthetic.MEDIA_DIRS.values()}
+  damaged = _damaged(s)
+  assert m["feature_only"] == plan.feature_only.sum() >= 40
+  assert 0.7 * 160 <= plan.features.sum() <= 0.8 * 160
+  for it in plan.items():
+    has = {"image": it.image, "video": it.video, "audio": it.audio is not None}
+    for modality, present in has.items():
+      x = _feature(out, modality, it.item_id)
+      assert (x is not None) == (it.features and present), (it, modality)
+      if x is None:
+        continue
+      assert x.dtype == np.float32 and np.isfinite(x).all()
+      if modality == "image":
+        assert x.shape == synthetic.IMAGE_FEATURE_SHAPE
+      elif modality == "video":
+        assert x.shape[1] == synthetic.VIDEO_FEATURE_DIM and 4 <= x.shape[0] <= 5
+        path = os.path.join(out, "videos", f"{it.item_id}.mp4")
+        if os.path.exists(path) and f"videos/{it.item_id}.mp4" not in damaged:
+          with av.open(path) as c:  # One row per started second of the clip.
+            stream = c.streams.video[0]
+            assert x.shape[0] == int(np.ceil(stream.frames / float(stream.average_rate)))
+      else:
+        assert x.shape[1] == synthetic.AUDIO_FEATURE_DIM and 2 <= x.shape[0] <= 4
+    if it.feature_only:  # Features instead of media.
+      assert not any(it.item_id in names for names in stems.values())
+    else:
+      assert it.image == (it.item_id in stems["images"])
+      assert it.video == (it.item_id in stems["videos"])
+  for modality, sub in synthetic.FEATURE_DIRS.items():
+    assert len(os.listdir(os.path.join(out, sub))) == m[f"{modality}_feature"] > 0
+  assert m["image"] == len(stems["images"])
+  assert not any(it.feature_only and it.damage for it in plan.items())
+
+
+def test_features_carry_category_and_product(feat):
+  """Class means of the features tell categories apart; group-mates are nearest neighbours."""
+  out, _, plan = feat
+  for modality in synthetic.FEATURE_DIRS:
+    xs, labels, owners = [], [], []
+    for it in plan.items():
+      x = _feature(out, modality, it.item_id)
+      if x is not None:
+        xs.append(x.mean(0) if modality != "image" else x.ravel())
+        labels.append(int(plan.inst_category[it.instance]))
+        owners.append(it.instance)
+    x, y, g = np.stack(xs), np.array(labels), np.array(owners)
+    means = np.stack([x[y == c].mean(0) if (y == c).any() else np.full(x.shape[1], np.inf)
+                      for c in range(len(plan.cats))])
+    predicted = ((x[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    assert np.mean(predicted == y) > 0.8, modality
+    if modality == "image":
+      d = ((x[:, None] - x[None]) ** 2).sum(-1)
+      np.fill_diagonal(d, np.inf)
+      grouped = [i for i in range(len(g)) if (g == g[i]).sum() > 1]
+      assert len(grouped) >= 10
+      assert np.mean([g[d[i].argmin()] == g[i] for i in grouped]) > 0.6
+
+
+def test_jsonl_split_files(tmp_path):
+  a, b = tmp_path / "json", tmp_path / "jsonl"
+  kw = dict(seed=2, image_size=16, video_fraction=0.0, audio_fraction=0.0)
+  synthetic.generate(str(a), 24, split_format="json", **kw)
+  s = synthetic.generate(str(b), 24, split_format="jsonl", **kw)
+  assert s["split_files"] == "jsonl"
+  for split in ("train", "test"):
+    assert not (b / f"{split}_id_label.json").exists()
+    with open(b / f"{split}_id_label.jsonl", encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f]
+    expected = json.loads((a / f"{split}_id_label.json").read_text(encoding="utf-8"))
+    assert [r["item_id"] for r in rows] == list(expected)
+    assert {r.pop("item_id"): r for r in rows} == expected
+  # Regenerating as json replaces the jsonl files; everything else was the same already.
+  synthetic.generate(str(b), 24, split_format="json", **kw)
+  ha, hb = _hashes(str(a)), _hashes(str(b))
+  del ha[synthetic.MARKER], hb[synthetic.MARKER]
+  assert ha == hb
+  with pytest.raises(ValueError, match="split_format"):
+    synthetic.generate(str(tmp_path / "x"), 24, split_format="csv")
+
+
+def test_summary_and_marker_do_not_grow_with_n(tmp_path):
+  """Per-item lists are capped (counts stay exact), so a 1M-item marker stays small."""
+  sizes = {}
+  for n in (40, 160):
+    out = tmp_path / str(n)
+    s = _small(out, n, damaged_fraction=0.3, corrupt_modality="table", corrupt_fraction=0.5,
+               summary_list_cap=3)
+    assert len(s["damaged"]) == 3 < s["damaged_count"] == sum(s["damaged_by_kind"].values())
+    assert len(s["corrupted_items"]) == 3 < s["corrupted_count"]
+    sizes[n] = len((out / synthetic.MARKER).read_bytes())
+    stored = synthetic.load_summary(str(out))["summary"]
+    assert stored["damaged_count"] == s["damaged_count"] and len(stored["damaged"]) == 3
+  assert abs(sizes[160] - sizes[40]) < 200
+
+
+def test_planning_holds_small_arrays_only():
+  """Planning memory per item is a few numbers, not Python objects (1M items must fit)."""
+  import tracemalloc
+  peaks = {}
+  for n in (1000, 5000):
+    tracemalloc.start()
+    try:
+      plan = synthetic._plan(n, 0)
+      peaks[n] = tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+    assert len(plan) == n
+  assert (peaks[5000] - peaks[1000]) / 4000 < 400  # Bytes per item; objects would be > 1000.
+
+
+def test_writer_window_bounds_pending_items():
+  consumed = []
+
+  def indices():
+    for j in range(50):
+      consumed.append(j)
+      yield j
+
+  results = synthetic._ordered_map(lambda j: j * j, indices(), num_threads=2, window=4)
+  for k, r in enumerate(results):
+    assert r == k * k and len(consumed) <= k + 4
+  assert len(consumed) == 50

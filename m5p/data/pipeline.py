@@ -1,8 +1,9 @@
 """Grain input pipelines over the converted ArrayRecord dataset.
 
-Training: source -> this process's shard -> seeded global shuffle (a new
-order each epoch) -> repeat -> decode/tokenize/mask (seeded per element) ->
-batch of the per-process batch size -> prefetch. The iterator is a Grain
+Training: source -> seeded global shuffle (a new order each epoch) -> repeat
+-> this process's rows of each global batch -> decode/tokenize/mask (seeded
+by global position) -> batch of the per-process batch size -> prefetch. The
+global batches do not depend on the number of processes. The iterator is a Grain
 `DatasetIterator` whose state is saved with every checkpoint, so a resumed
 run sees exactly the batches it would have seen.
 
@@ -43,16 +44,56 @@ def local_batch_size(global_batch: int, process_count: int | None = None) -> int
   return global_batch // count
 
 
+class _ProcessRows(grain.MapDataset):
+  """Process p's rows of every global batch of a global stream.
+
+  Local element k is global element (k // b) * B + p * b + k % b (b = B / P
+  rows per process), so the global batch at each step is the same for any
+  number of processes: a run on 2 hosts sees exactly the batches of a run
+  on 1, and each process reads only its own rows.
+  """
+
+  def __init__(self, parent: grain.MapDataset, index: int, count: int, local_batch: int):
+    super().__init__(parent)
+    self._index, self._count, self._b = index, count, local_batch
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self._b * self._count) * self._b
+
+  def __getitem__(self, k):
+    if isinstance(k, slice):
+      return self.slice(k)
+    g = (k // self._b) * self._b * self._count + self._index * self._b + k % self._b
+    return self._parent[g]
+
+  def __str__(self) -> str:
+    return f"_ProcessRows(process={self._index}/{self._count}, rows={self._b})"
+
+
+class _SeededByPosition:
+  """Preprocesses (global position, (record index, record)) with an rng seeded by
+  (seed, global position): masking does not depend on the process layout either."""
+
+  def __init__(self, pre: Preprocessor, seed: int):
+    self.pre, self.seed = pre, seed
+
+  def __call__(self, positioned):
+    position, indexed = positioned
+    return self.pre(indexed, np.random.default_rng([self.seed, position]))
+
+
 def train_dataset(config: ml_collections.ConfigDict, data_dir: str, split: str | None = None, *,
                   process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
   """The endless, shuffled, masked training stream of this process's batches.
 
-  Process p of P reads records p, p + P, p + 2P, ... of the split (its own
-  slice of the source; every record belongs to exactly one process) and
-  shuffles them with the shared seed, a new order each epoch; the trainer
-  assembles the global batch from all processes' batches with
-  `jax.make_array_from_process_local_data`. `process_index`/`process_count`
+  One global stream for all processes: the split shuffled with the seed (a
+  new order each epoch), cut into global batches of `config.batch_size`;
+  process p of P reads and preprocesses only rows [p*b, (p+1)*b) of each
+  (b = batch_size / P), and the trainer assembles the global batch with
+  `jax.make_array_from_process_local_data`. So every record is read by
+  exactly one process per epoch, and the global batches (masking included)
+  are the same for any number of processes. `process_index`/`process_count`
   default to JAX's (tests pass them to simulate several hosts).
   """
   split = split or config.data.train_split
@@ -60,12 +101,14 @@ def train_dataset(config: ml_collections.ConfigDict, data_dir: str, split: str |
   count = jax.process_count() if process_count is None else process_count
   ds = _indexed_source(data_dir, split)
   n = len(ds)
-  ds = ds[index::count]
   b = local_batch_size(config.batch_size, count)
-  if len(ds) < b:
-    raise ValueError(f"Split '{split}' has {n} records; fewer than one batch of {b} per process.")
-  ds = ds.shuffle(seed=config.seed).repeat(None)
-  ds = ds.random_map(Preprocessor(config, _tokenizer_path(data_dir), train=True), seed=config.seed + 1)
+  if n < config.batch_size:
+    raise ValueError(f"Split '{split}' has {n} records; fewer than one global batch of "
+                     f"{config.batch_size}.")
+  ds = ds.shuffle(seed=config.seed).repeat(None).map_with_index(lambda pos, x: (pos, x))
+  ds = _ProcessRows(ds, index, count, b)
+  ds = ds.map(_SeededByPosition(Preprocessor(config, _tokenizer_path(data_dir), train=True),
+                                config.seed + 1))
   ds = ds.batch(b, drop_remainder=True)
   it = ds.to_iter_dataset(_read_options(config))
   if config.data.worker_count > 0:

@@ -1,32 +1,44 @@
 """A synthetic M5Product: the raw layout of shared/M5PRODUCT_LAYOUT.md, with real media.
 
-`generate(output_dir, num_products, seed)` writes `train_id_label.json`,
-`test_id_label.json`, `images/<id>.jpg`, `videos/<id>.mp4`,
-`audios/<id>.mp3|.wav`, `splits/*_ids.txt` and `fine_groups.json`, so the
-demo goes through the same converter as the real dataset.
+`generate(output_dir, num_products, seed)` writes `train_id_label.json` and
+`test_id_label.json` (`.jsonl` for large sets), `images/<id>.jpg`,
+`videos/<id>.mp4`, `audios/<id>.mp3|.wav`, optionally
+`image_feature|video_feature|audio_feature/<id>.npy`, `splits/*_ids.txt` and
+`fine_groups.json`, so the demo goes through the same converter as the real
+dataset.
 
 Latent structure (what a model can learn from it):
 
-* Categories (the label): C = max(8, min(40, N // 40)) of 40 named e-commerce
-  categories (e.g. '运动鞋 sneakers') in 9 families (shoes, clothing, ...),
-  with Zipf-like sizes (weights 1 / rank^0.9). Each category has
+* Categories (the label): by default C = max(8, min(40, N // 40)) of 40
+  named e-commerce categories (e.g. '运动鞋 sneakers') in 9 families (shoes,
+  clothing, ...), with Zipf-like sizes (weights 1 / rank^0.9); both are knobs
+  (`num_categories`, `zipf_exponent`). Above 40, categories are synthesized
+  as variants of the named ones ('复古运动鞋 retro sneakers', 9 modifiers, up
+  to 400). Each category has
   - image: an object shape (8 kinds) on a background pattern (5 kinds) of a
-    category hue (10 hues); no two categories share (shape, pattern);
+    category hue (10 hues); (shape, pattern) is unique among the first 40
+    labels and (shape, pattern, hue) among all 400;
   - video: the same picture, the object moving in one of 7 category motions
     (right, left, down, up, grow, shrink, orbit) over 4 s, in clips of
     3.5-5 s at 4 or 6 fps (mpeg4, a quarter h264);
   - audio: beeps at a category pitch (10 steps of 4 semitones, 250-2000 Hz),
-    tempo (4 rates) and chord (3 kinds); (pitch, tempo) is unique;
-  - title: its Chinese and English names and 4 + 2 category words;
-  - table: 3 category-chosen keys of its family (shoes: 尺码, 鞋面材质...)
-    with category-preferred values, and a category style word (款式).
+    tempo (4 rates) and chord (3 kinds); (pitch, tempo) is unique among the
+    first 40 labels and (pitch, tempo, chord) among the first 120 (labels 120
+    apart sound alike; image and text still tell them apart);
+  - title: its Chinese and English names and 4 + 2 category words (variants:
+    their modifier's words in place of half of them);
+  - table: `attributes_per_category` (3) category-chosen keys of its family
+    (shoes: 尺码, 鞋面材质...) with category-preferred values, and a category
+    style word (款式). Variants use their base's family, so tables alone do
+    not separate a variant from its base category.
 * Instances (products): brand, model number, main colour, second colour,
   stripe count, object size/offset, attribute values and a variant (0-3).
-  About 30% of instances have 2-4 listings (items); those form the fine
-  groups (`fine_groups.json`). Listings of one instance share all of the
-  above and differ in title word order and optional words, table order and
-  dropped keys, image jitter (shift, scale, brightness, noise), video
-  duration/frame rate and audio phase, noise, length and sample rate.
+  About 30% of instances (`multi_listing_fraction`) have 2-4 listings
+  (`group_size_range`); those form the fine groups (`fine_groups.json`).
+  Listings of one instance share all of the above and differ in title word
+  order and optional words, table order and dropped keys, image jitter
+  (shift, scale, brightness, noise), video duration/frame rate and audio
+  phase, noise, length and sample rate.
 * Complementary cues: brand in title, table and an image badge colour;
   model number in title and table; main colour in image, video, table and
   often title; stripes and second colour only in image and video; the
@@ -34,24 +46,44 @@ Latent structure (what a model can learn from it):
 * Splits: products (all their listings) go to test for ~20% of each
   category's items, the rest to train; the retrieval and classification id
   lists are drawn from them (`_split_lists`).
-* Noise: ~10% titles mixed with another category's words, ~3% empty titles,
-  ~3% empty tables and ~10% malformed tables (pairs without '#:#', empty keys
-  or values, stray separators, repeated keys); a few train items with label
-  -1 or no label key; a few items without an image; a few videos carry the
+* Noise: captions are well matched, partially matched (~10%: mixed with
+  another category's words) or poorly matched (0% by default: the title of
+  another category's product) per `caption_quality`; ~3% empty titles, ~3%
+  empty tables and ~10% malformed tables (pairs without '#:#', empty keys or
+  values, stray separators, repeated keys); a few train items with label -1
+  or no label key; a few items without an image; a few videos carry the
   item's sound as an audio track instead of a separate audio file; about
   `damaged_fraction` of media files are damaged (undecodable); from 200
   items on, one train item has no usable modality at all.
+* Precomputed features (`feature_fraction`, 0 by default), as in the real
+  release: `image_feature/<id>.npy` float32 [5, 64] (regions),
+  `video_feature/<id>.npy` [T, 32] (one row per started second of the video)
+  and `audio_feature/<id>.npy` [T, 24] (per second of audio), for the
+  modalities the item has. They are fixed random projections of a
+  per-category latent plus a per-instance latent (and, for video, the
+  category's motion over time), plus per-listing noise, so they carry the
+  same labels and fine groups as the media. `feature_only_fraction` of those
+  items get features instead of media files.
+
+Scale: planning keeps O(N) small numpy arrays (about 35 bytes an item, ~150
+at the planning peak), no per-item Python objects; items are written through a bounded window of
+threads, the split files, id lists and fine groups are streamed to disk, and
+the summary's per-item lists are capped (`summary_list_cap`), so memory
+stays flat from 100 to 1M items.
 
 Everything is deterministic per seed: per-item content comes from random
 streams keyed by (seed, stream, id), so `corrupt_modality` changes only that
 modality's content, and the same seed gives byte-identical files (PyAV's
 encoders run single-threaded with fixed options; Pillow JPEG is
-deterministic).
+deterministic). New knobs at their defaults give the same files as before
+they existed.
 """
 from __future__ import annotations
 
+import collections
 import colorsys
 import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import json
@@ -59,8 +91,9 @@ import logging
 import math
 import os
 import time
+from array import array
 from fractions import Fraction
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import av
 import numpy as np
@@ -69,6 +102,7 @@ from PIL import Image, ImageDraw
 log = logging.getLogger(__name__)
 
 MARKER = ".m5p_synthetic.json"  # Says the folder holds a generated set (see load_summary).
+
 
 # ---------------------------------------------------------------------------
 # Vocabularies.
@@ -204,6 +238,23 @@ CATEGORY_POOL: tuple[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], ...
 )
 MAX_CATEGORIES = len(CATEGORY_POOL)
 
+# Modifiers that turn a named category into a distinct variant (labels >= 40):
+# (zh, en, 2 zh words, en word), none of them in any other vocabulary.
+MODIFIERS: tuple[tuple[str, str, tuple[str, str], str], ...] = (
+    ("复古", "retro", ("怀旧", "港风"), "vintage"),
+    ("轻奢", "luxe", ("高级感", "精致"), "luxury"),
+    ("国潮", "guochao", ("中国风", "潮牌"), "chinoiserie"),
+    ("极简", "minimal", ("无印风", "素雅"), "minimalist"),
+    ("森系", "forest", ("原木风", "文艺"), "natural"),
+    ("赛博", "cyber", ("科技感", "炫彩"), "futuristic"),
+    ("工装", "workwear", ("机能风", "耐磨"), "utility"),
+    ("田园", "pastoral", ("乡村风", "格纹"), "country"),
+    ("马卡龙", "macaron", ("糖果色", "少女心"), "pastel"),
+)
+# Image signatures (shape x pattern x hue) are distinct up to 400 labels; so
+# are names. More would repeat a picture, so `generate` refuses them.
+MAX_SYNTH_CATEGORIES = MAX_CATEGORIES * (1 + len(MODIFIERS))
+
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")
 PATTERNS = ("plain", "hstripes", "vstripes", "checker", "dots")
 MOTIONS = ("right", "left", "down", "up", "grow", "shrink", "orbit")
@@ -225,14 +276,23 @@ DAMAGE_KINDS = {  # kind: (modality, extension)
 }
 
 MEDIA_DIRS = {"image": "images", "video": "videos", "audio": "audios"}
+FEATURE_DIRS = {"image": "image_feature", "video": "video_feature", "audio": "audio_feature"}
+IMAGE_FEATURE_SHAPE = (5, 64)  # (regions, dims) per image.
+VIDEO_FEATURE_DIM = 32  # Dims per second of video.
+AUDIO_FEATURE_DIM = 24  # Dims per second of audio.
+FEATURE_LATENT_DIM = 16
 SPLIT_LISTS = ("coarse_query", "coarse_gallery", "fine_query", "fine_gallery", "cls_train", "cls_test")
+SPLIT_FORMATS = ("auto", "json", "jsonl")
+JSONL_FROM = 100_000  # split_format='auto' writes .jsonl from this many items on.
+SUMMARY_LIST_CAP = 1000  # Default cap on per-item lists in the summary and marker.
 
 # Random streams (the second element of every seed sequence).
 _S_GLOBAL, _S_INSTANCE, _S_TITLE, _S_PV, _S_IMAGE, _S_VIDEO, _S_AUDIO, _S_MEDIA, _S_DAMAGE, _S_CORRUPT = range(10)
+_S_FEATURE, _S_FEAT_CAT, _S_FEAT_INST, _S_FEAT_ITEM = range(10, 14)
 
 
-def _rng(seed: int, stream: int, key: int = 0) -> np.random.Generator:
-  return np.random.default_rng(np.random.SeedSequence([seed, stream, key]))
+def _rng(seed: int, stream: int, key: int = 0, *more: int) -> np.random.Generator:
+  return np.random.default_rng(np.random.SeedSequence([seed, stream, key, *more]))
 
 
 # ---------------------------------------------------------------------------
@@ -247,7 +307,7 @@ class Category:
   family: str
   words_zh: tuple[str, ...]
   words_en: tuple[str, ...]
-  keys: tuple[str, ...]  # Table keys of this category (3 of its family's 5).
+  keys: tuple[str, ...]  # Table keys of this category (3 of its family's 5 by default).
   preferred: dict  # key -> the 2-3 values this category mostly uses.
   brands: tuple[str, ...]
   palette: tuple[int, ...]  # Colour indices this category mostly uses.
@@ -287,29 +347,43 @@ class Instance:
 
 @dataclasses.dataclass
 class Item:
+  """One listing's plan, built on demand from `Plan`'s arrays (never kept for all items)."""
   item_id: str
   instance: int
   split: str
   label_mode: str = "ok"  # 'ok' | 'minus_one' | 'absent'
-  title_mode: str = "ok"  # 'ok' | 'noisy' | 'empty'
+  title_mode: str = "ok"  # 'ok' | 'noisy' (partially matched) | 'empty' | 'poor' (poorly matched)
   pv_mode: str = "ok"  # 'ok' | 'empty' | a malformation kind
   image: bool = True
   video: bool = False
   video_codec: str = "mpeg4"
   audio: str | None = None  # None | 'mp3' | 'wav' | 'track' (sound track of the video)
   ghost: bool = False  # No usable modality at all.
+  features: bool = False  # Also writes precomputed feature files.
+  feature_only: bool = False  # Features instead of media files.
   donor: dict = dataclasses.field(default_factory=dict)  # corrupted modality -> donor instance
   damage: dict = dataclasses.field(default_factory=dict)  # modality -> damage kind
 
 
-def _make_categories(num: int, rng: np.random.Generator) -> list[Category]:
-  chosen = rng.permutation(MAX_CATEGORIES)[:num]
+def _pool_entry(p: int) -> tuple[str, str, str, tuple[str, ...], tuple[str, ...]]:
+  """Category pool entry p: a named category (p < 40) or a modifier's variant of one."""
+  zh, en, family, words_zh, words_en = CATEGORY_POOL[p % MAX_CATEGORIES]
+  if p < MAX_CATEGORIES:
+    return zh, en, family, words_zh, words_en
+  mzh, men, mwords, mword_en = MODIFIERS[p // MAX_CATEGORIES - 1]
+  return (mzh + zh, f"{men} {en}", family, (words_zh[0], mwords[0], words_zh[1], mwords[1]),
+          (mword_en, words_en[0]))
+
+
+def _make_categories(num: int, rng: np.random.Generator, attributes: int = 3) -> list[Category]:
+  """`num` categories; labels 40 apart share shape and pattern but not hue or name."""
+  chosen = rng.permutation(MAX_CATEGORIES if num <= MAX_CATEGORIES else MAX_SYNTH_CATEGORIES)[:num]
   cats = []
   for label, pool_index in enumerate(chosen):
-    zh, en, family, words_zh, words_en = CATEGORY_POOL[int(pool_index)]
+    zh, en, family, words_zh, words_en = _pool_entry(int(pool_index))
     fam = FAMILIES[family]
     key_names = list(fam["keys"])
-    keys = tuple(key_names[i] for i in sorted(rng.choice(len(key_names), 3, replace=False)))
+    keys = tuple(key_names[i] for i in sorted(rng.choice(len(key_names), attributes, replace=False)))
     preferred = {}
     for k in keys:
       vocab = fam["keys"][k]
@@ -317,21 +391,22 @@ def _make_categories(num: int, rng: np.random.Generator) -> list[Category]:
       preferred[k] = tuple(vocab[i] for i in rng.choice(len(vocab), n, replace=False))
     brands = tuple(fam["brands"][i] for i in rng.choice(len(fam["brands"]), 4, replace=False))
     palette = tuple(int(i) for i in rng.choice(len(COLOURS), 4, replace=False))
-    a, b = divmod(label, 8)
-    c, d = divmod(label, 10)
+    r, q = label % MAX_CATEGORIES, label // MAX_CATEGORIES  # q = 0 below 40: the original signatures.
+    a, b = divmod(r, 8)
+    c, d = divmod(r, 10)
     cats.append(Category(
         label=label, zh=zh, en=en, family=family, words_zh=words_zh, words_en=words_en,
         keys=keys, preferred=preferred, brands=brands, palette=palette,
         shape=SHAPES[b], pattern=PATTERNS[(a + b) % len(PATTERNS)],
-        hue=((3 * label) % NUM_HUES) / NUM_HUES, motion=MOTIONS[label % len(MOTIONS)],
+        hue=((3 * r + q) % NUM_HUES) / NUM_HUES, motion=MOTIONS[label % len(MOTIONS)],
         pitch_hz=PITCHES_HZ[(3 * d) % len(PITCHES_HZ)], tempo=TEMPOS[(c + d) % len(TEMPOS)],
-        chord=CHORDS[label % len(CHORDS)]))
+        chord=CHORDS[(r + q) % len(CHORDS)]))
   return cats
 
 
-def _category_sizes(n: int, c: int, rng: np.random.Generator) -> np.ndarray:
+def _category_sizes(n: int, c: int, rng: np.random.Generator, exponent: float = 0.9) -> np.ndarray:
   """Zipf-like sizes summing to n, each >= min(4, n // c), in a random label order."""
-  weights = 1.0 / np.arange(1, c + 1) ** 0.9
+  weights = 1.0 / np.arange(1, c + 1) ** exponent
   floor = min(4, n // c)
   spare = n - floor * c
   raw = weights / weights.sum() * spare
@@ -722,13 +797,141 @@ def _damaged_bytes(kind: str, rng: np.random.Generator, good: bytes | None) -> b
   raise ValueError(kind)
 
 
+
+def make_poor_title(inst: Instance, other_cat: Category, other: Instance,
+                    rng: np.random.Generator) -> str:
+  """A poorly matched caption: another category's product title under this listing's brand."""
+  return f"{inst.brand} {make_title(other_cat, other, rng)}"
+
+
+# ---------------------------------------------------------------------------
+# Precomputed features.
+
+
+_FEATURE_NOISE = 0.6  # Per-listing noise; the projected latents have entries of std ~1.2.
+
+
+class _FeatureSpace:
+  """Fixed random projections of per-category and per-instance latents (one per seed)."""
+
+  def __init__(self, seed: int, cats: Sequence[Category]):
+    self.seed = seed
+    d = FEATURE_LATENT_DIM
+    rng = _rng(seed, _S_FEATURE, 1)
+    scale = d ** -0.5
+    self.image_proj = rng.normal(0, scale, (*IMAGE_FEATURE_SHAPE, d))  # A projection per region.
+    self.video_proj = rng.normal(0, scale, (VIDEO_FEATURE_DIM, d))
+    self.motion_proj = rng.normal(0, scale, (VIDEO_FEATURE_DIM, d))
+    self.audio_proj = rng.normal(0, scale, (AUDIO_FEATURE_DIM, d))
+    # Per category: an appearance latent and a motion direction.
+    self.cat_latent = np.stack([_rng(seed, _S_FEAT_CAT, c.label).normal(0, 1, (2, d)) for c in cats])
+
+  def latent(self, cat: Category, inst: Instance) -> np.ndarray:
+    return self.cat_latent[cat.label, 0] + 0.6 * _rng(self.seed, _S_FEAT_INST, inst.index).normal(
+        0, 1, FEATURE_LATENT_DIM)
+
+  def image(self, cat: Category, inst: Instance, rng: np.random.Generator) -> np.ndarray:
+    x = np.einsum("rkd,d->rk", self.image_proj, self.latent(cat, inst))
+    return (x + rng.normal(0, _FEATURE_NOISE, x.shape)).astype(np.float32)
+
+  def video(self, cat: Category, inst: Instance, rng: np.random.Generator, seconds: int) -> np.ndarray:
+    """Row t: the picture plus the category's motion at second t (the motion runs over 4 s)."""
+    base = self.video_proj @ self.latent(cat, inst)
+    move = self.motion_proj @ self.cat_latent[cat.label, 1]
+    course = 2 * np.minimum(1.0, np.arange(seconds) / 4.0) - 1
+    x = base[None] + course[:, None] * move[None]
+    return (x + rng.normal(0, _FEATURE_NOISE, x.shape)).astype(np.float32)
+
+  def audio(self, cat: Category, inst: Instance, rng: np.random.Generator, seconds: int) -> np.ndarray:
+    x = np.repeat((self.audio_proj @ self.latent(cat, inst))[None], seconds, axis=0)
+    return (x + rng.normal(0, _FEATURE_NOISE, x.shape)).astype(np.float32)
+
+
+def _save_npy(path: str, x: np.ndarray) -> None:
+  with open(path, "wb") as f:
+    np.save(f, x, allow_pickle=False)
+
+
 # ---------------------------------------------------------------------------
 # Planning: categories, instances, items, splits.
 
+LABEL_MODES = ("ok", "minus_one", "absent")
+TITLE_MODES = ("ok", "noisy", "empty", "poor")
+PV_MODES = ("ok", "empty") + _PV_MALFORMATIONS
+AUDIO_KINDS = (None, "mp3", "wav", "track")
+DAMAGE_MODALITIES = ("image", "video", "audio")  # Columns of Plan.damage.
+_DAMAGE_CODES = tuple(DAMAGE_KINDS)  # Plan.damage holds 1 + index here; 0: intact.
+_EMPTY, _NOISY, _POOR = TITLE_MODES.index("empty"), TITLE_MODES.index("noisy"), TITLE_MODES.index("poor")
+_MP3, _WAV, _TRACK = 1, 2, 3
 
-def _pick(rng: np.random.Generator, pool: list, count: int) -> list:
+
+@dataclasses.dataclass
+class Plan:
+  """The whole set's latent structure as flat arrays: O(N) small numbers, no per-item objects.
+
+  Instances are numbered by category (label c owns instances
+  cat_start[c]:cat_start[c + 1]); their content is rebuilt on demand by
+  `instance` from its own random stream. Items are in output order.
+  """
+  seed: int
+  cats: list[Category]
+  inst_category: np.ndarray  # int32 [I]
+  inst_items: np.ndarray  # int32 [I] listings of each instance.
+  inst_test: np.ndarray  # bool [I]
+  cat_start: np.ndarray  # int64 [C + 1]
+  ids: np.ndarray  # int64 [N] item ids (9 digits).
+  owner: np.ndarray  # int32 [N] instance of each item.
+  label_mode: np.ndarray  # int8 [N] index in LABEL_MODES.
+  title_mode: np.ndarray  # int8 [N] index in TITLE_MODES.
+  pv_mode: np.ndarray  # int8 [N] index in PV_MODES.
+  image: np.ndarray  # bool [N]
+  video: np.ndarray  # bool [N]
+  h264: np.ndarray  # bool [N]
+  audio: np.ndarray  # int8 [N] index in AUDIO_KINDS.
+  ghost: np.ndarray  # bool [N]
+  features: np.ndarray  # bool [N]
+  feature_only: np.ndarray  # bool [N]
+  donor: np.ndarray  # int32 [N] donor instance of the corrupted modality; -1: none.
+  damage: np.ndarray  # int8 [N, 3] per DAMAGE_MODALITIES.
+  corrupt_modality: str | None = None
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  @property
+  def is_test(self) -> np.ndarray:
+    return self.inst_test[self.owner]
+
+  def instance(self, index: int) -> Instance:
+    return _make_instance(index, self.cats[int(self.inst_category[index])],
+                          int(self.inst_items[index]),
+                          "test" if self.inst_test[index] else "train", self.seed)
+
+  def item(self, j: int) -> Item:
+    owner = int(self.owner[j])
+    it = Item(item_id=str(int(self.ids[j])), instance=owner,
+              split="test" if self.inst_test[owner] else "train",
+              label_mode=LABEL_MODES[self.label_mode[j]], title_mode=TITLE_MODES[self.title_mode[j]],
+              pv_mode=PV_MODES[self.pv_mode[j]], image=bool(self.image[j]),
+              video=bool(self.video[j]), video_codec="libx264" if self.h264[j] else "mpeg4",
+              audio=AUDIO_KINDS[self.audio[j]], ghost=bool(self.ghost[j]),
+              features=bool(self.features[j]), feature_only=bool(self.feature_only[j]))
+    if self.donor[j] >= 0:
+      it.donor[self.corrupt_modality] = int(self.donor[j])
+    for col, modality in enumerate(DAMAGE_MODALITIES):
+      if self.damage[j, col]:
+        it.damage[modality] = _DAMAGE_CODES[self.damage[j, col] - 1]
+    return it
+
+  def items(self) -> Iterator[Item]:
+    return (self.item(j) for j in range(len(self)))
+
+
+def _pick(rng: np.random.Generator, pool: np.ndarray, count: int) -> np.ndarray:
+  """`count` entries of `pool` (kept in pool order), drawn without replacement."""
+  pool = np.asarray(pool)
   count = min(count, len(pool))
-  return [pool[i] for i in sorted(rng.choice(len(pool), count, replace=False))] if count else []
+  return pool[np.sort(rng.choice(len(pool), count, replace=False))] if count else pool[:0]
 
 
 def _few(n: int, fraction: float, minimum_from: int = 50) -> int:
@@ -736,23 +939,34 @@ def _few(n: int, fraction: float, minimum_from: int = 50) -> int:
   return max(1 if n >= minimum_from else 0, int(round(fraction * n)))
 
 
-def _plan(num_products: int, seed: int, video_fraction: float, audio_fraction: float,
-          damaged_fraction: float, corrupt_modality: str | None, corrupt_fraction: float):
+def default_num_categories(num_products: int) -> int:
+  """The category count used when none is given: max(8, min(40, N // 40)), at most N // 4."""
+  return max(1, min(max(8, min(MAX_CATEGORIES, num_products // 40)), num_products // 4))
+
+
+def _plan(num_products: int, seed: int, video_fraction: float = 0.45, audio_fraction: float = 0.45,
+          damaged_fraction: float = 0.01, corrupt_modality: str | None = None,
+          corrupt_fraction: float = 0.0, *, num_categories: int | None = None,
+          zipf_exponent: float = 0.9, attributes_per_category: int = 3,
+          multi_listing_fraction: float = 0.3, group_size_range: tuple[int, int] = (2, 4),
+          caption_quality: tuple[float, float, float] = (0.9, 0.1, 0.0),
+          feature_fraction: float = 0.0, feature_only_fraction: float = 0.0) -> Plan:
+  """Draws the latent structure. Draws keep the order of the first version (same files)."""
   n = num_products
   rng = _rng(seed, _S_GLOBAL)
-  num_cats = max(8, min(MAX_CATEGORIES, n // 40))
-  num_cats = max(1, min(num_cats, n // 4))
-  cats = _make_categories(num_cats, rng)
-  sizes = _category_sizes(n, num_cats, rng)
+  num_cats = default_num_categories(n) if num_categories is None else num_categories
+  cats = _make_categories(num_cats, rng, attributes_per_category)
+  sizes = _category_sizes(n, num_cats, rng, zipf_exponent)
 
   # Instances: ~30% have 2-4 listings; instances are split as a whole, ~20% of
   # each category's items go to test (at least one instance when it has two).
-  instances: list[Instance] = []
+  lo, hi = group_size_range
+  inst_category, inst_items, inst_test = array("i"), array("i"), array("b")
   for cat, size in zip(cats, sizes):
-    counts = []
+    counts = array("i")
     left = int(size)
     while left > 0:
-      k = int(rng.integers(2, 5)) if rng.random() < 0.3 else 1
+      k = int(rng.integers(lo, hi + 1)) if rng.random() < multi_listing_fraction else 1
       k = min(k, left)
       counts.append(k)
       left -= k
@@ -767,98 +981,132 @@ def _plan(num_products: int, seed: int, video_fraction: float, audio_fraction: f
         break
       test.add(int(j))
       taken += counts[j]
-    for j, k in enumerate(counts):
-      instances.append(_make_instance(len(instances), cat, k, "test" if j in test else "train", seed))
+    inst_category.extend([cat.label] * len(counts))
+    inst_items.extend(counts)
+    inst_test.extend(int(j in test) for j in range(len(counts)))
+  inst_category = np.asarray(inst_category, np.int32)
+  inst_items = np.asarray(inst_items, np.int32)
+  inst_test = np.asarray(inst_test, bool)
+  cat_start = np.concatenate([[0], np.cumsum(np.bincount(inst_category, minlength=num_cats))])
 
-  # Items: ids are distinct 9-digit strings, items in random order.
-  owners = [inst.index for inst in instances for _ in range(inst.num_items)]
-  owners = [owners[i] for i in rng.permutation(len(owners))]
-  ids: list[int] = []
-  seen = set()
-  while len(ids) < n:
-    for x in rng.integers(100_000_000, 1_000_000_000, size=n):
-      if int(x) not in seen and len(ids) < n:
-        seen.add(int(x))
-        ids.append(int(x))
-  items = [Item(item_id=str(i), instance=o, split=instances[o].split) for i, o in zip(ids, owners)]
-  train = [it for it in items if it.split == "train"]
+  # Items: ids are distinct 9-digit numbers, items in random order.
+  owner = np.repeat(np.arange(len(inst_items), dtype=np.int32), inst_items)[rng.permutation(n)]
+  ids = np.empty(0, np.int64)
+  while len(ids) < n:  # First occurrences, in draw order, not drawn before.
+    batch = rng.integers(100_000_000, 1_000_000_000, size=n)
+    fresh = np.zeros(n, bool)
+    fresh[np.unique(batch, return_index=True)[1]] = True
+    fresh &= ~np.isin(batch, ids)
+    ids = np.concatenate([ids, batch[fresh][:n - len(ids)]])
+  is_train = ~inst_test[owner]
 
   # Per-item media presence.
-  for it in items:
-    r = _rng(seed, _S_MEDIA, int(it.item_id))
-    it.video = bool(r.random() < video_fraction)
-    it.video_codec = "libx264" if r.random() < 0.25 else "mpeg4"
+  video, h264 = np.zeros(n, bool), np.zeros(n, bool)
+  audio = np.zeros(n, np.int8)
+  for j, item_id in enumerate(ids.tolist()):
+    r = _rng(seed, _S_MEDIA, item_id)
+    video[j] = r.random() < video_fraction
+    h264[j] = r.random() < 0.25
     if r.random() < audio_fraction:
-      it.audio = "mp3" if r.random() < 0.5 else "wav"
+      audio[j] = _MP3 if r.random() < 0.5 else _WAV
 
   # The few: exact counts drawn from the global stream.
-  ghosts = _pick(rng, train, 1) if n >= 200 else []
-  for it in ghosts:
-    it.ghost, it.image, it.video, it.audio = True, False, False, None
-    it.title_mode, it.pv_mode = "empty", "empty"
-  normal = [it for it in items if not it.ghost]
-  for it in _pick(rng, normal, _few(n, 0.015)):
-    it.image = False
-  unlabelled = _pick(rng, [it for it in train if not it.ghost], 2 * _few(n, 0.01))
-  for j, it in enumerate(unlabelled):
-    it.label_mode = "minus_one" if j % 2 == 0 else "absent"
-  silent_videos = [it for it in normal if it.video and it.audio is None]
-  for it in _pick(rng, silent_videos, _few(len([i for i in normal if i.video]), 0.06, 20)):
-    it.audio = "track"
-  by_title = [normal[i] for i in rng.permutation(len(normal))]
-  n_empty, n_noisy = _few(n, 0.03), int(round(0.10 * n))
-  for it in by_title[:n_empty]:
-    it.title_mode = "empty"
-  for it in by_title[n_empty:n_empty + n_noisy]:
-    it.title_mode = "noisy"
-  by_pv = [normal[i] for i in rng.permutation(len(normal))]
+  image, ghost = np.ones(n, bool), np.zeros(n, bool)
+  label_mode, title_mode, pv_mode = (np.zeros(n, np.int8) for _ in range(3))
+  if n >= 200:
+    ghost[_pick(rng, np.flatnonzero(is_train), 1)] = True
+  image[ghost], video[ghost], audio[ghost] = False, False, 0
+  title_mode[ghost], pv_mode[ghost] = _EMPTY, PV_MODES.index("empty")
+  normal = np.flatnonzero(~ghost)
+  image[_pick(rng, normal, _few(n, 0.015))] = False
+  unlabelled = _pick(rng, np.flatnonzero(is_train & ~ghost), 2 * _few(n, 0.01))
+  label_mode[unlabelled[0::2]] = LABEL_MODES.index("minus_one")
+  label_mode[unlabelled[1::2]] = LABEL_MODES.index("absent")
+  silent_videos = np.flatnonzero(~ghost & video & (audio == 0))
+  audio[_pick(rng, silent_videos, _few(int((~ghost & video).sum()), 0.06, 20))] = _TRACK
+  by_title = normal[rng.permutation(len(normal))]
+  n_empty = _few(n, 0.03)
+  n_noisy, n_poor = int(round(caption_quality[1] * n)), int(round(caption_quality[2] * n))
+  title_mode[by_title[:n_empty]] = _EMPTY
+  title_mode[by_title[n_empty:n_empty + n_noisy]] = _NOISY
+  title_mode[by_title[n_empty + n_noisy:n_empty + n_noisy + n_poor]] = _POOR
+  by_pv = normal[rng.permutation(len(normal))]
   n_empty = _few(n, 0.03)
   per_kind = _few(n, 0.02)
-  for it in by_pv[:n_empty]:
-    it.pv_mode = "empty"
-  for j, it in enumerate(by_pv[n_empty:n_empty + per_kind * len(_PV_MALFORMATIONS)]):
-    it.pv_mode = _PV_MALFORMATIONS[j % len(_PV_MALFORMATIONS)]
+  pv_mode[by_pv[:n_empty]] = PV_MODES.index("empty")
+  malformed = by_pv[n_empty:n_empty + per_kind * len(_PV_MALFORMATIONS)]
+  pv_mode[malformed] = 2 + np.arange(len(malformed)) % len(_PV_MALFORMATIONS)
+
+  # Precomputed features: a share of the items with any media (own stream).
+  features, feature_only = np.zeros(n, bool), np.zeros(n, bool)
+  if feature_fraction > 0:
+    frng = _rng(seed, _S_FEATURE)
+    pool = np.flatnonzero(~ghost & (image | video | (audio != 0)))
+    chosen = _pick(frng, pool, int(round(feature_fraction * len(pool))))
+    features[chosen] = True
+    feature_only[_pick(frng, chosen, int(round(feature_only_fraction * len(chosen))))] = True
 
   # Damaged media files: ~damaged_fraction of each modality's files, at least
   # 2 per kind when n >= 200 (1 below), none when damaged_fraction is 0.
+  damage = np.zeros((n, len(DAMAGE_MODALITIES)), np.int8)
   drng = _rng(seed, _S_DAMAGE)
   if damaged_fraction > 0:
-    holders = {
-        "image": [it for it in normal if it.image],
-        "video": [it for it in normal if it.video and it.audio != "track"],
-        "audio": [it for it in normal if it.audio == "mp3"],
-    }
+    files = ~ghost & ~feature_only  # Feature-only items have no media files to damage.
+    holders = {"image": np.flatnonzero(files & image),
+               "video": np.flatnonzero(files & video & (audio != _TRACK)),
+               "audio": np.flatnonzero(files & (audio == _MP3))}
     n_files = {"image": len(holders["image"]), "video": len(holders["video"]),
-               "audio": len([it for it in normal if it.audio in ("mp3", "wav")])}
-    kinds_of = {}
+               "audio": int((files & ((audio == _MP3) | (audio == _WAV))).sum())}
+    kinds_of: dict[str, list[str]] = {}
     for kind, (modality, _) in DAMAGE_KINDS.items():
       kinds_of.setdefault(modality, []).append(kind)
     for modality, kinds in kinds_of.items():
       each = max(2 if n >= 200 else 1,
                  int(round(damaged_fraction * n_files[modality] / len(kinds))))
       chosen = _pick(drng, holders[modality], each * len(kinds))
-      chosen = [chosen[i] for i in drng.permutation(len(chosen))]
-      for j, it in enumerate(chosen):
-        it.damage[modality] = kinds[j % len(kinds)]
+      chosen = chosen[drng.permutation(len(chosen))]
+      codes = np.array([1 + _DAMAGE_CODES.index(k) for k in kinds], np.int8)
+      damage[chosen, DAMAGE_MODALITIES.index(modality)] = codes[np.arange(len(chosen)) % len(kinds)]
 
   # Corruption: that modality's content comes from another category's instance.
+  donor = np.full(n, -1, np.int32)
   if corrupt_modality is not None and corrupt_fraction > 0:
     crng = _rng(seed, _S_CORRUPT)
-    by_cat: dict[int, list[int]] = {}
-    for inst in instances:
-      by_cat.setdefault(inst.category, []).append(inst.index)
-    has = {"text": lambda it: it.title_mode != "empty", "table": lambda it: it.pv_mode != "empty",
-           "image": lambda it: it.image, "video": lambda it: it.video,
-           "audio": lambda it: it.audio is not None}[corrupt_modality]
-    eligible = [it for it in normal if has(it)]
-    for it in _pick(crng, eligible, int(round(corrupt_fraction * len(eligible)))):
-      own = instances[it.instance].category
-      other = [c for c in by_cat if c != own]
-      if not other:
+    has = {"text": title_mode != _EMPTY, "table": pv_mode != PV_MODES.index("empty"),
+           "image": image, "video": video, "audio": audio != 0}[corrupt_modality]
+    eligible = np.flatnonzero(~ghost & has)
+    for j in _pick(crng, eligible, int(round(corrupt_fraction * len(eligible)))).tolist():
+      own = int(inst_category[owner[j]])
+      if num_cats < 2:
         continue
-      c = other[int(crng.integers(len(other)))]
-      it.donor[corrupt_modality] = by_cat[c][int(crng.integers(len(by_cat[c])))]
-  return cats, instances, items
+      c = int(crng.integers(num_cats - 1))
+      c += c >= own  # The c-th category other than its own.
+      donor[j] = cat_start[c] + int(crng.integers(cat_start[c + 1] - cat_start[c]))
+  return Plan(seed=seed, cats=cats, inst_category=inst_category, inst_items=inst_items,
+              inst_test=inst_test, cat_start=cat_start, ids=ids, owner=owner, label_mode=label_mode,
+              title_mode=title_mode, pv_mode=pv_mode, image=image, video=video, h264=h264,
+              audio=audio, ghost=ghost, features=features, feature_only=feature_only, donor=donor,
+              damage=damage, corrupt_modality=corrupt_modality)
+
+
+def _split_lists(plan: Plan, seed: int) -> dict[str, np.ndarray]:
+  """Retrieval and classification id lists (item indices), drawn deterministically from test/train."""
+  rng = _rng(seed, _S_GLOBAL, 1)
+  is_test = plan.is_test
+  test = np.flatnonzero(is_test & ~plan.ghost)
+  train = np.flatnonzero(~is_test & ~plan.ghost)
+  order = rng.permutation(len(test))
+  query = np.zeros(len(test), bool)
+  query[order[:max(1, len(test) // 4)]] = True
+  # Fine: one query per test instance with several listings (its first item);
+  # the gallery is every other test item (its group-mates among them).
+  multi = np.flatnonzero(plan.inst_items[plan.owner[test]] > 1)
+  fine = np.zeros(len(test), bool)
+  fine[multi[np.unique(plan.owner[test[multi]], return_index=True)[1]]] = True
+  return dict(coarse_query=test[query], coarse_gallery=test[~query], fine_query=test[fine],
+              fine_gallery=test[~fine],
+              cls_train=train[plan.label_mode[train] == LABEL_MODES.index("ok")], cls_test=test)
+
 
 
 # ---------------------------------------------------------------------------
@@ -869,7 +1117,7 @@ def _clean(output_dir: str, overwrite: bool) -> None:
   """Leaves `output_dir` without files of an earlier generated set."""
   if not os.path.isdir(output_dir):
     return
-  ours = ("images", "videos", "audios", "splits")
+  ours = ("images", "videos", "audios", "splits", *FEATURE_DIRS.values())
   entries = [e for e in os.listdir(output_dir)
              if not (e in ours and os.path.isdir(os.path.join(output_dir, e))
                      and not os.listdir(os.path.join(output_dir, e)))]
@@ -879,18 +1127,21 @@ def _clean(output_dir: str, overwrite: bool) -> None:
     raise FileExistsError(
         f"{output_dir}: not empty and not a generated set ({MARKER} missing); "
         "pass overwrite=True to write there anyway")
-  exts = {"images": (".jpg",), "videos": (".mp4",), "audios": (".mp3", ".wav")}
+  exts = {"images": (".jpg",), "videos": (".mp4",), "audios": (".mp3", ".wav"),
+          **{sub: (".npy",) for sub in FEATURE_DIRS.values()}}
   for sub, allowed in exts.items():
     folder = os.path.join(output_dir, sub)
     if os.path.isdir(folder):
-      for name in os.listdir(folder):
-        if name.endswith(allowed) and name[:-4].isdigit():
-          os.remove(os.path.join(folder, name))
+      with os.scandir(folder) as listing:  # An iterator: 1M names are never held at once.
+        for entry in listing:
+          if entry.name.endswith(allowed) and entry.name[:-4].isdigit():
+            os.remove(entry.path)
   for name in SPLIT_LISTS:
     path = os.path.join(output_dir, "splits", f"{name}_ids.txt")
     if os.path.exists(path):
       os.remove(path)
-  for name in ("train_id_label.json", "test_id_label.json", "fine_groups.json", MARKER):
+  for name in ("train_id_label.json", "test_id_label.json", "train_id_label.jsonl",
+               "test_id_label.jsonl", "fine_groups.json", MARKER):
     path = os.path.join(output_dir, name)
     if os.path.exists(path):
       os.remove(path)
@@ -899,7 +1150,8 @@ def _clean(output_dir: str, overwrite: bool) -> None:
 def load_summary(output_dir: str) -> dict | None:
   """The marker of a complete generated set in `output_dir`: {"params", "summary"}; else None.
 
-  Callers can skip `generate` when `params` match what they would pass.
+  Callers can skip `generate` when `params` match what they would pass
+  (compare with .get: knobs added later are missing from older markers).
   """
   try:
     with open(os.path.join(output_dir, MARKER), encoding="utf-8") as f:
@@ -914,12 +1166,93 @@ def _write_text(path: str, text: str) -> None:
     f.write(text)
 
 
+_CHUNK = 65536  # Items per write when streaming id lists.
+
+
+def _write_ids(path: str, ids: np.ndarray) -> None:
+  """One id a line, streamed in chunks."""
+  with open(path, "w", encoding="utf-8", newline="\n") as f:
+    for s in range(0, len(ids), _CHUNK):
+      f.write("".join(f"{i}\n" for i in ids[s:s + _CHUNK].tolist()))
+
+
+def _write_fine_groups(path: str, plan: Plan) -> None:
+  """{item_id: group}, the bytes json.dumps would give, streamed in chunks."""
+  grouped = np.flatnonzero(plan.inst_items[plan.owner] > 1)
+  with open(path, "w", encoding="utf-8", newline="\n") as f:
+    f.write("{")
+    for s in range(0, len(grouped), _CHUNK):
+      chunk = grouped[s:s + _CHUNK]
+      f.write((", " if s else "") + ", ".join(
+          f'"{i}": "g{g:05d}"' for i, g in zip(plan.ids[chunk].tolist(), plan.owner[chunk].tolist())))
+    f.write("}")
+
+
+class _SplitWriter:
+  """Streams `<split>_id_label.json` (one object, as json.dumps writes it) or `.jsonl`."""
+
+  def __init__(self, output_dir: str, split: str, jsonl: bool):
+    self.jsonl = jsonl
+    suffix = "jsonl" if jsonl else "json"
+    self.f = open(os.path.join(output_dir, f"{split}_id_label.{suffix}"), "w", encoding="utf-8",
+                  newline="\n")
+    self.count = 0
+    if not jsonl:
+      self.f.write("{")
+
+  def add(self, item_id: str, entry: dict) -> None:
+    if self.jsonl:
+      self.f.write(json.dumps({"item_id": item_id, **entry}, ensure_ascii=False) + "\n")
+    else:
+      self.f.write(f'{", " if self.count else ""}{json.dumps(item_id)}: '
+                   f'{json.dumps(entry, ensure_ascii=False)}')
+    self.count += 1
+
+  def close(self) -> None:
+    if not self.jsonl:
+      self.f.write("}")
+    self.f.close()
+
+
+def _ordered_map(fn: Callable[[int], Any], indices: Iterable[int], num_threads: int,
+                 window: int) -> Iterator[Any]:
+  """map(fn, indices) in order, with at most `window` calls pending (bounded memory)."""
+  if num_threads <= 1:
+    yield from map(fn, indices)
+    return
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    pending: collections.deque = collections.deque()
+    try:
+      for j in indices:
+        pending.append(pool.submit(fn, j))
+        if len(pending) >= window:
+          yield pending.popleft().result()
+      while pending:
+        yield pending.popleft().result()
+    finally:
+      for future in pending:
+        future.cancel()
+
+
+def _check_fraction(name: str, value: float) -> None:
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
 def generate(output_dir: str, num_products: int, seed: int = 0, *, image_size: int = 64,
              video_fraction: float = 0.45, audio_fraction: float = 0.45,
              damaged_fraction: float = 0.01, corrupt_modality: str | None = None,
              corrupt_fraction: float = 0.0, log_every: int = 0, overwrite: bool = False,
-             num_threads: int = 0) -> dict:
+             num_threads: int = 0, num_categories: int | None = None, zipf_exponent: float = 0.9,
+             attributes_per_category: int = 3, multi_listing_fraction: float = 0.3,
+             group_size_range: tuple[int, int] = (2, 4),
+             caption_quality: Sequence[float] = (0.9, 0.1, 0.0), feature_fraction: float = 0.0,
+             feature_only_fraction: float = 0.0, split_format: str = "auto",
+             summary_list_cap: int = SUMMARY_LIST_CAP) -> dict:
   """Writes the raw M5Product layout with `num_products` items; returns a summary.
+
+  Memory stays bounded as N grows (O(N) small arrays, streamed files, capped
+  summary lists), so 1M items need no more than a few hundred MB.
 
   Args:
     output_dir: created if needed. If it holds files, it must hold an earlier
@@ -929,7 +1262,8 @@ def generate(output_dir: str, num_products: int, seed: int = 0, *, image_size: i
     seed: everything is a deterministic function of the arguments.
     image_size: side of images and video frames in pixels (even, >= 16).
     video_fraction, audio_fraction: expected share of items with a video
-      file / a separate audio file (independent of each other).
+      file / a separate audio file (independent of each other); the rest
+      miss that modality.
     damaged_fraction: share of each modality's media files that are damaged.
     corrupt_modality: 'text' ('title'), 'table' ('pv'), 'image', 'video' or
       'audio': for `corrupt_fraction` of the items that have that modality,
@@ -939,17 +1273,42 @@ def generate(output_dir: str, num_products: int, seed: int = 0, *, image_size: i
     overwrite: write into a non-empty folder that is not a generated set.
     num_threads: items written in parallel threads (0: min(4, CPUs)); the
       output does not depend on it.
+    num_categories: number of labels; None: max(8, min(40, N // 40)), at most
+      N // 4. Up to 40 are named categories; 41..400 add variants of them
+      (a modifier in the name and words, a hue step in the image). At most
+      400 (more would repeat an image signature) and at most N.
+    zipf_exponent: category sizes follow weights 1 / rank^exponent (0: equal
+      sizes); every category keeps min(4, N // C) items.
+    attributes_per_category: table keys per category, 1..5 (of its family's 5).
+    multi_listing_fraction: share of instances (products) with several
+      listings; those are the fine-grained groups.
+    group_size_range: (min, max) listings of such an instance, min >= 2.
+    caption_quality: shares of items with (well, partially, poorly) matched
+      titles, summing to 1. Partially: half the words replaced by another
+      category's words; poorly: another category's product title under the
+      listing's brand. ~3% empty titles come out of the well-matched share.
+    feature_fraction: share of the items with any media that also get
+      precomputed `image_feature|video_feature|audio_feature/<id>.npy` for
+      the modalities they have (0: none, the files are as without features).
+    feature_only_fraction: share of those items whose media files are not
+      written (features instead of media; never damaged).
+    split_format: 'json' (one object per split), 'jsonl' (one object a line,
+      with "item_id") or 'auto' (jsonl from 100,000 items on).
+    summary_list_cap: per-item lists in the summary (`damaged`,
+      `corrupted_items`) keep at most this many entries; counts stay exact.
 
   Returns:
-    A JSON-serialisable dict: `splits` (items per split), `categories`
-    (name of label i at i) and `category_sizes`, `num_instances`,
+    A JSON-serialisable dict: `splits` (items per split), `split_files`,
+    `categories` (name of label i at i) and `category_sizes`, `num_instances`,
     `fine_groups`, `modalities` (file counts per modality and format, items
-    without image, audio carried by videos, empty/noisy titles,
-    empty/malformed tables, labels -1/absent), `split_lists` (ids per list),
-    `damaged` ([{path, item_id, kind}]; damaged files are counted in
-    `modalities` too), `ghost_items` (no usable modality), `corrupted_items`
-    and `seconds`. The same dict, less `output_dir` and `seconds`, is kept in
-    the folder's marker file (see `load_summary`).
+    without image, audio carried by videos, empty/noisy/poor titles,
+    empty/malformed tables, labels -1/absent, feature files and feature-only
+    items), `split_lists` (ids per list), `damaged` ([{path, item_id,
+    kind}], capped; damaged files are counted in `modalities` too) with
+    `damaged_count` and `damaged_by_kind`, `ghost_items` (no usable
+    modality), `corrupted_items` (capped) with `corrupted_count`, and
+    `seconds`. The same dict, less `output_dir` and `seconds`, is kept in the
+    folder's marker file (see `load_summary`); its size does not grow with N.
   """
   if num_products < 8:
     raise ValueError(f"num_products must be >= 8, got {num_products}")
@@ -961,93 +1320,166 @@ def generate(output_dir: str, num_products: int, seed: int = 0, *, image_size: i
                        f"got {corrupt_modality!r}")
     corrupt_modality = MODALITY_ALIASES[corrupt_modality]
   for name, value in (("video_fraction", video_fraction), ("audio_fraction", audio_fraction),
-                      ("damaged_fraction", damaged_fraction), ("corrupt_fraction", corrupt_fraction)):
-    if not 0.0 <= value <= 1.0:
-      raise ValueError(f"{name} must be in [0, 1], got {value}")
+                      ("damaged_fraction", damaged_fraction), ("corrupt_fraction", corrupt_fraction),
+                      ("multi_listing_fraction", multi_listing_fraction),
+                      ("feature_fraction", feature_fraction),
+                      ("feature_only_fraction", feature_only_fraction)):
+    _check_fraction(name, value)
+  if num_categories is not None:
+    limit = min(MAX_SYNTH_CATEGORIES, num_products)
+    if not 1 <= num_categories <= limit:
+      raise ValueError(
+          f"num_categories must be in [1, {limit}], got {num_categories}: above "
+          f"{MAX_SYNTH_CATEGORIES} categories would share image signatures, and every category "
+          "needs at least one item")
+  if not (zipf_exponent >= 0 and math.isfinite(zipf_exponent)):
+    raise ValueError(f"zipf_exponent must be >= 0, got {zipf_exponent}")
+  if not 1 <= attributes_per_category <= 5:
+    raise ValueError(f"attributes_per_category must be in [1, 5], got {attributes_per_category}")
+  group_size_range = tuple(int(g) for g in group_size_range)
+  if len(group_size_range) != 2 or not 2 <= group_size_range[0] <= group_size_range[1]:
+    raise ValueError(f"group_size_range must be (min, max) with 2 <= min <= max, "
+                     f"got {group_size_range}")
+  caption_quality = tuple(float(q) for q in caption_quality)
+  if (len(caption_quality) != 3 or any(not 0 <= q <= 1 for q in caption_quality)
+      or abs(sum(caption_quality) - 1) > 1e-6):
+    raise ValueError("caption_quality must be 3 shares (well, partially, poorly matched) in [0, 1] "
+                     f"summing to 1, got {caption_quality}")
+  if split_format not in SPLIT_FORMATS:
+    raise ValueError(f"split_format must be one of {SPLIT_FORMATS}, got {split_format!r}")
+  if summary_list_cap < 0:
+    raise ValueError(f"summary_list_cap must be >= 0, got {summary_list_cap}")
+  jsonl = split_format == "jsonl" or (split_format == "auto" and num_products >= JSONL_FROM)
+
   start = time.perf_counter()
-  cats, instances, items = _plan(num_products, seed, video_fraction, audio_fraction,
-                                 damaged_fraction, corrupt_modality, corrupt_fraction)
+  plan = _plan(num_products, seed, video_fraction, audio_fraction, damaged_fraction,
+               corrupt_modality, corrupt_fraction, num_categories=num_categories,
+               zipf_exponent=zipf_exponent, attributes_per_category=attributes_per_category,
+               multi_listing_fraction=multi_listing_fraction, group_size_range=group_size_range,
+               caption_quality=caption_quality, feature_fraction=feature_fraction,
+               feature_only_fraction=feature_only_fraction)
+  log.info("synthetic: planned %d items, %d instances, %d categories (%.1f s)", num_products,
+           len(plan.inst_items), len(plan.cats), time.perf_counter() - start)
   _clean(output_dir, overwrite)
-  for sub in ("images", "videos", "audios", "splits"):
+  subs = ["images", "videos", "audios", "splits"]
+  if plan.features.any():
+    subs += FEATURE_DIRS.values()
+  for sub in subs:
     os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
   params = dict(num_products=num_products, seed=seed, image_size=image_size,
                 video_fraction=video_fraction, audio_fraction=audio_fraction,
                 damaged_fraction=damaged_fraction, corrupt_modality=corrupt_modality,
-                corrupt_fraction=corrupt_fraction)
+                corrupt_fraction=corrupt_fraction, num_categories=num_categories,
+                zipf_exponent=zipf_exponent, attributes_per_category=attributes_per_category,
+                multi_listing_fraction=multi_listing_fraction,
+                group_size_range=list(group_size_range), caption_quality=list(caption_quality),
+                feature_fraction=feature_fraction, feature_only_fraction=feature_only_fraction,
+                split_format=split_format)
   # The marker goes first, so an interrupted run is still known as ours.
   _write_text(os.path.join(output_dir, MARKER), json.dumps({"complete": False, "params": params}))
 
-  cats_by_label = {c.label: c for c in cats}
-  labels: dict[str, dict] = {"train": {}, "test": {}}
-  damaged = []
+  ctx = _Context(output_dir, seed, image_size, plan,
+                 _FeatureSpace(seed, plan.cats) if plan.features.any() else None)
   counts = dict(image=0, video=0, video_h264=0, audio_mp3=0, audio_wav=0, audio_in_video=0,
-                audio_sr_16000=0, audio_sr_22050=0, title_empty=0, title_noisy=0, pv_empty=0,
-                pv_malformed=0, label_minus_one=0, label_absent=0, no_image=0)
-
-  def work(it: Item):
-    return _write_item(it, output_dir, seed, image_size, cats_by_label, instances)
+                audio_sr_16000=0, audio_sr_22050=0, title_empty=0, title_noisy=0, title_poor=0,
+                pv_empty=0, pv_malformed=0, label_minus_one=0, label_absent=0, no_image=0,
+                image_feature=0, video_feature=0, audio_feature=0, feature_only=0)
+  damaged: list[dict] = []
+  damaged_by_kind = {kind: 0 for kind in DAMAGE_KINDS}
+  splits = {"train": 0, "test": 0}
 
   if num_threads <= 0:
     num_threads = min(4, os.cpu_count() or 1)
   # Items are independent (own random streams, own files), so threads change
-  # nothing in the output; PyAV, Pillow and numpy release the GIL while encoding.
-  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-    results = pool.map(work, items) if num_threads > 1 else map(work, items)
-    for done, (it, (entry, item_counts, item_damaged)) in enumerate(zip(items, results), 1):
-      labels[it.split][it.item_id] = entry
+  # nothing in the output; PyAV, Pillow and numpy release the GIL while
+  # encoding. The window bounds the results held at once.
+  with contextlib.ExitStack() as stack:
+    writers = {}
+    for split in splits:
+      writers[split] = _SplitWriter(output_dir, split, jsonl)
+      stack.callback(writers[split].close)
+    results = _ordered_map(ctx.write, range(num_products), num_threads, 8 * num_threads)
+    for done, (item_id, split, entry, item_counts, item_damaged) in enumerate(results, 1):
+      writers[split].add(item_id, entry)
+      splits[split] += 1
       for k, v in item_counts.items():
         counts[k] += v
-      damaged += item_damaged
+      for d in item_damaged:
+        damaged_by_kind[d["kind"]] += 1
+        if len(damaged) < summary_list_cap:
+          damaged.append(d)
       if log_every and done % log_every == 0:
-        log.info("synthetic: %d/%d items (%.1f s)", done, len(items), time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        log.info("synthetic: %d/%d items (%.1f s, %.0f items/s)", done, num_products, elapsed,
+                 done / max(elapsed, 1e-9))
 
-  # Splits: JSON per split, id lists and fine groups.
-  for split, entries in labels.items():
-    _write_text(os.path.join(output_dir, f"{split}_id_label.json"),
-                json.dumps(entries, ensure_ascii=False))
-  fine_groups = {it.item_id: f"g{it.instance:05d}" for it in items if instances[it.instance].num_items > 1}
-  _write_text(os.path.join(output_dir, "fine_groups.json"), json.dumps(fine_groups, ensure_ascii=False))
-  lists = _split_lists(items, instances, seed)
-  for name, ids in lists.items():
-    _write_text(os.path.join(output_dir, "splits", f"{name}_ids.txt"), "".join(f"{i}\n" for i in ids))
+  # Id lists and fine groups, streamed.
+  _write_fine_groups(os.path.join(output_dir, "fine_groups.json"), plan)
+  lists = _split_lists(plan, seed)
+  for name, idx in lists.items():
+    _write_ids(os.path.join(output_dir, "splits", f"{name}_ids.txt"), plan.ids[idx])
 
-  group_sizes = [inst.num_items for inst in instances if inst.num_items > 1]
+  multi = plan.inst_items > 1
+  corrupted = np.flatnonzero(plan.donor >= 0)
   summary = {
       "output_dir": output_dir,
       "num_products": num_products,
       "seed": seed,
       "image_size": image_size,
-      "splits": {s: len(e) for s, e in labels.items()},
-      "num_categories": len(cats),
-      "categories": [c.name for c in cats],
-      "category_sizes": [int(sum(inst.num_items for inst in instances if inst.category == c.label))
-                         for c in cats],
-      "num_instances": len(instances),
-      "fine_groups": len(group_sizes),
-      "fine_group_items": int(sum(group_sizes)),
+      "splits": splits,
+      "split_files": "jsonl" if jsonl else "json",
+      "num_categories": len(plan.cats),
+      "categories": [c.name for c in plan.cats],
+      "category_sizes": np.bincount(plan.inst_category[plan.owner],
+                                    minlength=len(plan.cats)).tolist(),
+      "num_instances": len(plan.inst_items),
+      "fine_groups": int(multi.sum()),
+      "fine_group_items": int(plan.inst_items[multi].sum()),
       "modalities": counts,
-      "ghost_items": [it.item_id for it in items if it.ghost],
-      "split_lists": {name: len(ids) for name, ids in lists.items()},
+      "ghost_items": [str(i) for i in plan.ids[plan.ghost].tolist()],
+      "split_lists": {name: len(idx) for name, idx in lists.items()},
       "damaged": damaged,
+      "damaged_count": sum(damaged_by_kind.values()),
+      "damaged_by_kind": damaged_by_kind,
       "corrupt_modality": corrupt_modality,
       "corrupt_fraction": corrupt_fraction,
-      "corrupted_items": [it.item_id for it in items if it.donor],
+      "corrupted_items": [str(i) for i in plan.ids[corrupted[:summary_list_cap]].tolist()],
+      "corrupted_count": len(corrupted),
+      "summary_list_cap": summary_list_cap,
   }
   stored = {k: v for k, v in summary.items() if k != "output_dir"}  # Same bytes wherever written.
   _write_text(os.path.join(output_dir, MARKER),
               json.dumps({"complete": True, "params": params, "summary": stored},
                          ensure_ascii=False, indent=1))
   summary["seconds"] = round(time.perf_counter() - start, 2)
-  log.info("synthetic: %d items in %.1f s -> %s", len(items), summary["seconds"], output_dir)
+  log.info("synthetic: %d items in %.1f s -> %s", num_products, summary["seconds"], output_dir)
   return summary
 
 
-def _write_item(it: Item, output_dir: str, seed: int, image_size: int,
-                cats_by_label: dict[int, Category], instances: list[Instance]):
-  """Writes one item's media; returns (its split-JSON entry, counts, damaged files)."""
-  inst = instances[it.instance]
-  cat = cats_by_label[inst.category]
+class _Context:
+  """What writing one item needs; shared read-only by the writer threads."""
+
+  def __init__(self, output_dir: str, seed: int, image_size: int, plan: Plan,
+               features: _FeatureSpace | None):
+    self.output_dir = output_dir
+    self.seed = seed
+    self.image_size = image_size
+    self.plan = plan
+    self.features = features
+
+  def write(self, j: int) -> tuple[str, str, dict, dict, list]:
+    it = self.plan.item(j)
+    entry, counts, damaged = _write_item(it, self)
+    return it.item_id, it.split, entry, counts, damaged
+
+
+def _write_item(it: Item, ctx: _Context) -> tuple[dict, dict[str, int], list[dict]]:
+  """Writes one item's media and features; returns (its split-JSON entry, counts, damaged files)."""
+  plan, seed, output_dir, image_size = ctx.plan, ctx.seed, ctx.output_dir, ctx.image_size
+  inst = plan.instance(it.instance)
+  cat = plan.cats[inst.category]
   key = int(it.item_id)
+  media = not it.feature_only
   counts: dict[str, int] = {}
   damaged = []
 
@@ -1058,9 +1490,19 @@ def _write_item(it: Item, output_dir: str, seed: int, image_size: int,
   def source(modality: str) -> tuple[Category, Instance]:
     """(category, instance) that a modality's content comes from."""
     if modality in it.donor:
-      donor = instances[it.donor[modality]]
-      return cats_by_label[donor.category], donor
+      donor = plan.instance(it.donor[modality])
+      return plan.cats[donor.category], donor
     return cat, inst
+
+  def feature(modality: str, *args) -> None:
+    """Writes the modality's feature file, from the same source as its media."""
+    if it.features:
+      fcat, finst = source(modality)
+      frng = _rng(seed, _S_FEAT_ITEM, key, DAMAGE_MODALITIES.index(modality))
+      make = getattr(ctx.features, modality)
+      _save_npy(os.path.join(output_dir, FEATURE_DIRS[modality], f"{it.item_id}.npy"),
+                make(fcat, finst, frng, *args))
+      count(f"{modality}_feature")
 
   # Title and table.
   trng = _rng(seed, _S_TITLE, key)
@@ -1068,11 +1510,15 @@ def _write_item(it: Item, output_dir: str, seed: int, image_size: int,
     title = ""
   else:
     tcat, tinst = source("text")
-    noise = None
-    if it.title_mode == "noisy":
-      others = [c for c in cats_by_label.values() if c.label != tcat.label]
-      noise = others[int(trng.integers(len(others)))] if others else None
-    title = make_title(tcat, tinst, trng, noise)
+    other = None
+    if it.title_mode in ("noisy", "poor"):
+      others = [c for c in plan.cats if c.label != tcat.label]
+      other = others[int(trng.integers(len(others)))] if others else None
+    if it.title_mode == "poor" and other is not None:
+      lo, hi = plan.cat_start[other.label], plan.cat_start[other.label + 1]
+      title = make_poor_title(tinst, other, plan.instance(int(lo + trng.integers(hi - lo))), trng)
+    else:
+      title = make_title(tcat, tinst, trng, other)
   pcat, pinst = source("table")
   entry: dict[str, Any] = {"title": title, "pv": make_pv(pcat, pinst, _rng(seed, _S_PV, key), it.pv_mode)}
   if it.label_mode == "ok":
@@ -1081,17 +1527,21 @@ def _write_item(it: Item, output_dir: str, seed: int, image_size: int,
     entry["label"] = -1
   count("title_empty", it.title_mode == "empty")
   count("title_noisy", it.title_mode == "noisy")
+  count("title_poor", it.title_mode == "poor")
   count("pv_empty", it.pv_mode == "empty")
   count("pv_malformed", it.pv_mode not in ("ok", "empty"))
   count("label_minus_one", it.label_mode == "minus_one")
   count("label_absent", it.label_mode == "absent")
+  count("feature_only", it.feature_only)
 
   # Image.
   if it.image:
-    icat, iinst = source("image")
-    write_jpeg(os.path.join(output_dir, "images", f"{it.item_id}.jpg"),
-               render_image(icat, iinst, _rng(seed, _S_IMAGE, key), image_size))
-    count("image")
+    if media:
+      icat, iinst = source("image")
+      write_jpeg(os.path.join(output_dir, "images", f"{it.item_id}.jpg"),
+                 render_image(icat, iinst, _rng(seed, _S_IMAGE, key), image_size))
+      count("image")
+    feature("image")
   else:
     count("no_image")
 
@@ -1101,8 +1551,11 @@ def _write_item(it: Item, output_dir: str, seed: int, image_size: int,
   if it.audio is not None:
     sample_rate = 16000 if (it.audio == "track" or arng.random() < 0.6) else 22050
     acat, ainst = source("audio")
-    wave = synth_audio(acat, ainst, arng, sample_rate, float(arng.uniform(2.0, 4.0)))
-  if it.audio in ("mp3", "wav"):
+    audio_seconds = float(arng.uniform(2.0, 4.0))
+    if media:
+      wave = synth_audio(acat, ainst, arng, sample_rate, audio_seconds)
+    feature("audio", max(1, math.ceil(audio_seconds)))
+  if it.audio in ("mp3", "wav") and media:
     if "audio" not in it.damage:
       write_audio(os.path.join(output_dir, "audios", f"{it.item_id}.{it.audio}"), wave, sample_rate)
     count(f"audio_{it.audio}")
@@ -1113,15 +1566,17 @@ def _write_item(it: Item, output_dir: str, seed: int, image_size: int,
     vrng = _rng(seed, _S_VIDEO, key)
     fps = 4 if vrng.random() < 0.7 else 6
     seconds = float(vrng.choice([3.5, 4.0, 4.5, 5.0]))
-    if it.damage.get("video") != "empty_mp4":
-      vcat, vinst = source("video")
-      frames = render_frames(vcat, vinst, vrng, image_size, int(round(seconds * fps)), fps)
-      write_video(os.path.join(output_dir, "videos", f"{it.item_id}.mp4"), frames, fps,
-                  it.video_codec, audio=wave if it.audio == "track" else None,
-                  sample_rate=sample_rate)
-    count("video")
-    count("video_h264", it.video_codec == "libx264")
-    count("audio_in_video", it.audio == "track")
+    if media:
+      if it.damage.get("video") != "empty_mp4":
+        vcat, vinst = source("video")
+        frames = render_frames(vcat, vinst, vrng, image_size, int(round(seconds * fps)), fps)
+        write_video(os.path.join(output_dir, "videos", f"{it.item_id}.mp4"), frames, fps,
+                    it.video_codec, audio=wave if it.audio == "track" else None,
+                    sample_rate=sample_rate)
+      count("video")
+      count("video_h264", it.video_codec == "libx264")
+      count("audio_in_video", it.audio == "track")
+    feature("video", math.ceil(seconds))
 
   # Damage replaces the file just written (or never written).
   for modality, kind in sorted(it.damage.items()):
@@ -1135,28 +1590,3 @@ def _write_item(it: Item, output_dir: str, seed: int, image_size: int,
       f.write(_damaged_bytes(kind, _rng(seed, _S_DAMAGE, key), good))
     damaged.append({"path": rel, "item_id": it.item_id, "kind": kind})
   return entry, counts, damaged
-
-
-def _split_lists(items: list[Item], instances: list[Instance], seed: int) -> dict[str, list[str]]:
-  """Retrieval and classification id lists, drawn deterministically from test/train."""
-  rng = _rng(seed, _S_GLOBAL, 1)
-  test = [it for it in items if it.split == "test" and not it.ghost]
-  train = [it for it in items if it.split == "train" and not it.ghost]
-  order = rng.permutation(len(test))
-  n_query = max(1, len(test) // 4)
-  query = {test[i].item_id for i in order[:n_query]}
-  coarse_query = [it.item_id for it in test if it.item_id in query]
-  coarse_gallery = [it.item_id for it in test if it.item_id not in query]
-  # Fine: one query per test instance with several listings; the gallery is
-  # every other test item (its group-mates among them).
-  first: dict[int, str] = {}
-  for it in test:
-    if instances[it.instance].num_items > 1:
-      first.setdefault(it.instance, it.item_id)
-  fine_query = [it.item_id for it in test if first.get(it.instance) == it.item_id]
-  fq = set(fine_query)
-  fine_gallery = [it.item_id for it in test if it.item_id not in fq]
-  cls_train = [it.item_id for it in train if it.label_mode == "ok"]
-  cls_test = [it.item_id for it in test]
-  return dict(coarse_query=coarse_query, coarse_gallery=coarse_gallery, fine_query=fine_query,
-              fine_gallery=fine_gallery, cls_train=cls_train, cls_test=cls_test)
