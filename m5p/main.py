@@ -22,13 +22,14 @@ flags.DEFINE_string("workdir", None, "Directory for data, checkpoints, metrics a
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _setup_logging(workdir: str) -> None:
+def _setup_logging(workdir: str, process_index: int = 0) -> None:
   fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+  name = "train.log" if process_index == 0 else f"train.process{process_index}.log"
   logger = logging.getLogger("m5p")
   logger.setLevel(logging.INFO)
   logger.propagate = False
   for handler in (logging.StreamHandler(sys.stdout),
-                  logging.FileHandler(os.path.join(workdir, "train.log"), encoding="utf-8")):
+                  logging.FileHandler(os.path.join(workdir, name), encoding="utf-8")):
     handler.setFormatter(fmt)
     logger.addHandler(handler)
 
@@ -52,13 +53,17 @@ def main(argv: list[str]) -> None:
   t0 = time.perf_counter()
   workdir = FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
-  _setup_logging(workdir)
   config = FLAGS.config
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # Library chatter (TFDS, orbax); m5p logs its own.
   # Imported here so that --help stays fast and jax sees the environment first.
   import jax
-  from m5p import prepare, train
+  from m5p import distributed, prepare, train
+  kind = distributed.initialize()  # Before any device is touched; no-op for one process.
+  _setup_logging(workdir, jax.process_index())
+  if kind:
+    logging.getLogger("m5p").info("Process %d of %d (%s cluster).", jax.process_index(),
+                                  jax.process_count(), kind)
   log = logging.getLogger("m5p")
   log.info("Config:\n%s", config)
   if jax.process_index() == 0:

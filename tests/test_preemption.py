@@ -18,9 +18,11 @@ def _cli(workdir, data_dir, steps=6):
 
 
 def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  return env
+  # The persistent compilation cache makes the second and third runs skip compiling.
+  cache = os.environ.get("M5P_TEST_CACHE", os.path.expanduser("~/.cache/m5p_test_jax"))
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              XLA_FLAGS="--xla_force_host_platform_device_count=8")
 
 
 def _losses(workdir):

@@ -126,15 +126,28 @@ def _pad_rows(batch: dict, size: int) -> dict:
           for k, v in batch.items()}
 
 
+def _empty_batch(config: ml_collections.ConfigDict, size: int) -> dict:
+  """A batch of padding rows only (keeps every process at the same number of batches)."""
+  from m5p.data import batch_spec  # pylint: disable=import-outside-toplevel
+  batch = {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_spec.batch_shapes(config, size).items()}
+  batch["item_id"] = np.full((size,), b"", object)
+  return _pad_rows({k: v[:0] for k, v in batch.items()}, size)
+
+
 def eval_batches(config: ml_collections.ConfigDict, data_dir: str, split: str,
                  batch_size: int | None = None):
   """Yields unmasked, whole batches of the split in record order (this process's share).
 
-  Batches carry an extra host-only field `item_id` (bytes) for reports.
+  Process p takes records p, p + P, ...; every process yields the same
+  number of batches (padding rows have index -1), as the collectives that
+  embed them need. Batches carry an extra host-only field `item_id` (bytes).
   """
   batch_size = batch_size or int(config.eval.batch_size)
   local = local_batch_size(batch_size)
-  ds = _indexed_source(data_dir, split)[jax.process_index()::jax.process_count()]
+  source = _indexed_source(data_dir, split)
+  count = jax.process_count()
+  num_batches = -(-(-(-len(source) // count)) // local)  # ceil(ceil(n / P) / b), the same everywhere.
+  ds = source[jax.process_index()::count]
   pre = Preprocessor(config, _tokenizer_path(data_dir), train=False)
 
   def process(indexed):
@@ -144,5 +157,9 @@ def eval_batches(config: ml_collections.ConfigDict, data_dir: str, split: str,
     return ex
 
   ds = ds.map(process).batch(local, drop_remainder=False)
+  yielded = 0
   for batch in ds.to_iter_dataset(_read_options(config)):
+    yielded += 1
     yield _pad_rows(batch, local)
+  for _ in range(num_batches - yielded):
+    yield _empty_batch(config, local)

@@ -26,6 +26,19 @@ def make_embed_fn(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callabl
                    out_shardings=sharding.replicated(mesh))
 
 
+def _gather_bytes(values: np.ndarray) -> np.ndarray:
+  """All processes' byte strings (e.g. item ids), concatenated in process order."""
+  lengths = np.array([len(v) for v in values], np.int32)
+  width = max(int(np.asarray(multihost_utils.process_allgather(
+      np.int32(lengths.max(initial=0)))).max()), 1)
+  codes = np.zeros((len(values), width), np.uint8)
+  for i, v in enumerate(values):
+    codes[i, :len(v)] = np.frombuffer(v, np.uint8)
+  codes = np.asarray(multihost_utils.process_allgather(codes, tiled=True))
+  lengths = np.asarray(multihost_utils.process_allgather(lengths, tiled=True))
+  return np.array([bytes(row[:n]) for row, n in zip(codes, lengths)], object)
+
+
 def embed_split(embed_fn: Callable, params: Any, config: ml_collections.ConfigDict, mesh: Mesh,
                 data_dir: str, split: str) -> dict[str, np.ndarray]:
   """Returns {'fused','pooled','z','present','label','fine_group','index','item_id'} per record."""
@@ -40,8 +53,9 @@ def embed_split(embed_fn: Callable, params: Any, config: ml_collections.ConfigDi
     for k, v in out.items():
       chunks.setdefault(k, []).append(np.asarray(jax.device_get(v)))
     if jax.process_count() > 1:
-      host = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in host.items()
-              if k != "item_id"}
+      ids = host.pop("item_id")
+      host = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in host.items()}
+      host["item_id"] = _gather_bytes(ids)
     for k, v in host.items():
       chunks.setdefault(k, []).append(v)
   result = {k: np.concatenate(v) for k, v in chunks.items()}
