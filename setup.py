@@ -30,7 +30,7 @@ setup(
         "ijson>=3.2",  # Streams a 6M-item <split>_id_label.json.
     ],
     extras_require={
-        "test": ["pytest>=8.0", "apache-beam>=2.60"],
+        "test": ["pytest>=8.0", "apache-beam>=2.60", "pyyaml>=6.0"],
         "beam": ["apache-beam>=2.60"],  # Conversion on Beam (Dataflow, Flink, Spark).
         "gpu": ["jax[cuda12]>=0.10.0"],
         "tpu": ["jax[tpu]>=0.10.0"],

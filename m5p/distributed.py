@@ -6,10 +6,10 @@ Call `initialize()` once, before anything touches a JAX device. In order:
    `M5P_NUM_PROCESSES`, `M5P_PROCESS_ID` (and optionally
    `M5P_LOCAL_DEVICE_IDS`, comma-separated): any cluster, or several
    processes on one machine (the 2-process test does this);
-2. a SLURM job step with more than one task (`SLURM_NTASKS` > 1), or a TPU
-   pod slice with several hosts (`TPU_WORKER_HOSTNAMES` or
-   `MEGASCALE_COORDINATOR_ADDRESS`): `jax.distributed.initialize()` reads
-   the cluster's own variables;
+2. `M5P_DISTRIBUTED=auto` (set by launch/tpu_pod.sh), a SLURM job step with
+   more than one task (`SLURM_NTASKS` > 1), or a TPU pod slice with several
+   hosts (`TPU_WORKER_HOSTNAMES` or `MEGASCALE_COORDINATOR_ADDRESS`):
+   `jax.distributed.initialize()` reads the cluster's own variables;
 3. otherwise one process: nothing to do.
 
 On CPU, cross-process collectives go through Gloo (JAX's default CPU
@@ -29,6 +29,8 @@ _done = False
 def _cluster_kind(env: dict[str, str]) -> str | None:
   if env.get("M5P_COORDINATOR_ADDRESS"):
     return "explicit"
+  if env.get("M5P_DISTRIBUTED") == "auto":
+    return "auto"
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and env.get("SLURM_STEP_ID") is not None:
     return "slurm"
   if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
@@ -37,21 +39,22 @@ def _cluster_kind(env: dict[str, str]) -> str | None:
 
 
 def initialize(env: dict[str, str] | None = None) -> str | None:
-  """Joins the job's processes if it has several; returns how ('explicit', 'slurm', 'tpu') or None."""
+  """Joins the job's processes if it has several; returns how ('explicit', 'auto', 'slurm', 'tpu') or None."""
   global _done
   env = dict(os.environ if env is None else env)
   kind = _cluster_kind(env)
   if kind is None or _done:
     return None
-  if env.get("JAX_PLATFORMS", "").startswith("cpu") or kind == "explicit":
-    # Harmless on GPU/TPU (only the CPU client reads it); required for CPU collectives.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if kind == "explicit":
     try:
       num, pid = int(env["M5P_NUM_PROCESSES"]), int(env["M5P_PROCESS_ID"])
     except (KeyError, ValueError):
       raise ValueError("M5P_COORDINATOR_ADDRESS needs integer M5P_NUM_PROCESSES and "
                        "M5P_PROCESS_ID") from None
+  if env.get("JAX_PLATFORMS", "").startswith("cpu") or kind == "explicit":
+    # Harmless on GPU/TPU (only the CPU client reads it); required for CPU collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if kind == "explicit":
     local = env.get("M5P_LOCAL_DEVICE_IDS")
     jax.distributed.initialize(
         coordinator_address=env["M5P_COORDINATOR_ADDRESS"], num_processes=num, process_id=pid,
