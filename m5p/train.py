@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from m5p import checkpointing, optim, sharding
+from m5p import checkpointing, flops, optim, sharding
 from m5p.data import convert, pipeline
 from m5p.evaluation import embed as embed_lib
 from m5p.evaluation import evaluator
@@ -114,6 +114,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     log.info("Resumed from step %d (%s).", start, ckpt.directory)
   start = int(jax.device_get(state.step))
 
+  # ---- Throughput accounting --------------------------------------------------
+  peak, peak_source = flops.device_peak(str(config.model.dtype))
+  log.info("Peak per device: %.1f GFLOP/s (%s).", peak / 1e9, peak_source)
+  compiled_step, step_flops = None, 0.0  # Per-device FLOPs of one step (XLA cost analysis).
+
   # ---- Loop --------------------------------------------------------------------
   writer = MetricsWriter(workdir)
   embed_fn = embed_lib.make_embed_fn(model, mesh, state_shardings.params)
@@ -125,7 +130,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     batch = next(train_iter)
     window_wait += time.perf_counter() - t0
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-      state, metrics = step_fn(state, _to_device(batch, batch_shard))
+      device_batch = _to_device(batch, batch_shard)
+      if compiled_step is None:
+        t_compile = time.perf_counter()
+        compiled_step = step_fn.lower(state, device_batch).compile()
+        step_flops = flops.compiled_flops(compiled_step)
+        log.info("Train step compiled in %.1f s: %.3f GFLOP per device per step.",
+                 time.perf_counter() - t_compile, step_flops / 1e9)
+        window_start += time.perf_counter() - t_compile  # Compiling is not step time.
+      state, metrics = compiled_step(state, device_batch)
     window_steps += 1
 
     if step % config.log_every == 0 or step == total:
@@ -133,12 +146,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(f"Loss is {metrics['loss']} at step {step}; stopping.")
       elapsed = time.perf_counter() - window_start
+      step_time = elapsed / window_steps
       metrics.update(examples_per_sec=window_steps * config.batch_size / elapsed,
-                     step_time=elapsed / window_steps, data_wait_frac=window_wait / elapsed)
+                     examples_per_sec_per_device=window_steps * config.batch_size / elapsed / mesh.size,
+                     step_time=step_time, data_wait_frac=window_wait / elapsed,
+                     model_tflops_per_device=step_flops / step_time / 1e12,
+                     peak_tflops_per_device=peak / 1e12, mfu=step_flops / step_time / peak)
       writer.write(step, metrics)
-      log.info("step %d/%d  loss %.4f  contrastive %.4f  %.0f ex/s  (data wait %.0f%%)", step, total,
-               metrics["loss"], metrics.get("contrastive", float("nan")),
-               metrics["examples_per_sec"], 100 * metrics["data_wait_frac"])
+      log.info("step %d/%d  loss %.4f  contrastive %.4f  %.0f ex/s  MFU %.1f%%  (data wait %.0f%%)",
+               step, total, metrics["loss"], metrics.get("contrastive", float("nan")),
+               metrics["examples_per_sec"], 100 * metrics["mfu"], 100 * metrics["data_wait_frac"])
       window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
 
     if step % config.ckpt_every == 0 or step == total:
