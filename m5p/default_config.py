@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.harmonization = "per_sample_logits"  # | 'pair_loss_weights' | 'uniform'
   c.loss.infonce = "clip"  # | 'ntxent'
   c.loss.temperature = 0.07
+  c.loss.implementation = "global"  # | 'ring' (shard_map ring: b_local x b_local logits per device)
+  # Ring only: columns per block (0 = b_local). A fixed block makes per-device
+  # memory grow linearly with the global batch instead of with b_local^2.
+  c.loss.ring_block_size = 0
   c.loss.contrastive_weight = 1.0
   c.loss.masked_weight = 1.0  # Multiplies each of the five masked-task losses.
   c.loss.mask_prob = 0.15

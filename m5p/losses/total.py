@@ -6,12 +6,15 @@
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from m5p.losses.contrastive import harmonized_contrastive
 from m5p.losses.masked import masked_losses
+from m5p.losses.ring import ring_harmonized_contrastive
 from m5p.modalities import MODALITIES, PAIR_NAMES, PAIRS
 
 MASKED_TASKS = ("mlm", "mem", "mrm", "mfm", "mam")  # One per modality, MODALITIES order.
@@ -28,9 +31,17 @@ def compute_loss(outputs: dict, batch: dict, config: ml_collections.ConfigDict
                    over samples holding m
   """
   lc = config.loss
-  contrastive, aux = harmonized_contrastive(
-      outputs["z"], outputs["present"], mode=lc.harmonization, infonce=lc.infonce,
-      temperature=lc.temperature)
+  # 'ring': same loss and grads, b_local x b_local logits per device (m5p.losses.ring).
+  impl = lc.get("implementation", "global")
+  if impl not in ("global", "ring"):
+    raise ValueError(f"config.loss.implementation={impl!r}: expected 'global' or 'ring'")
+  kwargs = dict(mode=lc.harmonization, infonce=lc.infonce, temperature=lc.temperature)
+  if impl == "ring":
+    contrastive_fn = functools.partial(ring_harmonized_contrastive,
+                                       block_size=int(lc.get("ring_block_size", 0)) or None)
+  else:
+    contrastive_fn = harmonized_contrastive
+  contrastive, aux = contrastive_fn(outputs["z"], outputs["present"], **kwargs)
   masked = masked_losses(outputs, batch, config)
   masked_sum = sum(masked[k] for k in MASKED_TASKS)
   loss = lc.contrastive_weight * contrastive + lc.masked_weight * masked_sum
