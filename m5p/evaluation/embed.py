@@ -40,13 +40,20 @@ def _gather_bytes(values: np.ndarray) -> np.ndarray:
 
 
 def embed_split(embed_fn: Callable, params: Any, config: ml_collections.ConfigDict, mesh: Mesh,
-                data_dir: str, split: str) -> dict[str, np.ndarray]:
-  """Returns {'fused','pooled','z','present','label','fine_group','index','item_id'} per record."""
+                data_dir: str, split: str,
+                keep_modalities: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Returns {'fused','pooled','z','present','label','fine_group','index','item_id'} per record.
+
+  `keep_modalities` [5] bool: embed as if the products had only those
+  modalities (the others are marked absent: any-modality retrieval).
+  """
   batch_shard = sharding.batch_sharding(mesh)
   chunks: dict[str, list] = {}
   for batch in pipeline.eval_batches(config, data_dir, split):
     host = {"label": batch["label"], "fine_group": batch["fine_group"], "index": batch["index"],
             "item_id": batch.pop("item_id")}
+    if keep_modalities is not None:
+      batch["present"] = batch["present"] & np.asarray(keep_modalities, bool)[None]
     device_batch = {k: jax.make_array_from_process_local_data(batch_shard, v) for k, v in batch.items()}
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
       out = embed_fn(params, device_batch)
