@@ -81,7 +81,8 @@ def test_loss_and_gradients_equal_across_meshes():
 
   host_batch = batch_spec.random_batch(tiny_config(), 16, seed=3)
   results = {}
-  for name, mesh_cfg in MESHES.items():
+  meshes = dict(MESHES, fsdp8=dict(data=1, fsdp=8))
+  for name, mesh_cfg in meshes.items():
     c = tiny_config()
     c.mesh.update(dict(data=-1, fsdp=1, model=1, num_devices=-1))
     c.mesh.update(mesh_cfg)
@@ -95,12 +96,18 @@ def test_loss_and_gradients_equal_across_meshes():
     def loss_fn(params, batch):
       return compute_loss(model.apply({"params": params}, batch, train=False), batch, c)[0]
 
+    if name == "fsdp8":  # Parameters and optimizer state really are sharded over 'fsdp'.
+      specs = [x.sharding.spec for x in jax.tree.leaves(state.params) if x.ndim == 2 and x.size >= 4096]
+      assert specs and all("fsdp" in jax.tree.leaves(tuple(s)) for s in specs), specs
+      mu = [x for x in jax.tree.leaves(state.opt_state) if hasattr(x, "ndim") and x.ndim == 2
+            and x.size >= 4096]
+      assert mu and all("fsdp" in jax.tree.leaves(tuple(x.sharding.spec)) for x in mu)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
       grad_fn = jax.jit(jax.value_and_grad(loss_fn), in_shardings=(shardings.params, batch_shard))
       loss, grads = grad_fn(state.params, batch)
     results[name] = (float(loss), jax.tree.map(np.asarray, jax.device_get(grads)))
   ref_loss, ref_grads = results["one_device"]
-  for name in ("data8", "2x2x2"):
+  for name in ("data8", "2x2x2", "fsdp8"):
     loss, grads = results[name]
     assert abs(loss - ref_loss) / abs(ref_loss) < 1e-5, name
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
