@@ -33,8 +33,10 @@ def _tokenizer_path(data_dir: str) -> str:
 
 
 def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=max(int(config.data.read_threads), 0),
-                           prefetch_buffer_size=max(int(config.data.prefetch), int(config.data.read_threads), 1))
+  # Elements here are whole batches: buffer `prefetch` of them (at least one per thread).
+  threads = max(int(config.data.read_threads), 0)
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=max(int(config.data.prefetch), threads, 1))
 
 
 def local_batch_size(global_batch: int, process_count: int | None = None) -> int:
