@@ -28,6 +28,7 @@ setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "ijson>=3.2",  # Streams a 6M-item <split>_id_label.json.
+        "flatbuffers>=24.3",  # jax.export serialization (the serving export).
     ],
     extras_require={
         "test": ["pytest>=8.0", "apache-beam>=2.60", "pyyaml>=6.0"],

@@ -1,0 +1,84 @@
+"""Re-runs a run's final evaluation from a checkpoint.
+
+python -m m5p.evaluate --workdir=W [--step=N] [--mesh=data,fsdp,model] [--data_dir=D]
+
+Restores the params of checkpoint N (default: the latest; the optimizer
+state is not read), embeds the eval split (and the probe's train split) and
+runs the tasks training runs at its end (`m5p.train.evaluate`: the same code,
+so the same numbers on the same mesh), writes W/eval.json and prints a table.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Run directory (holds checkpoints/ and config.json).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("data_dir", "", "Converted dataset (default: the run's data.dir or W/data).")
+  flags.DEFINE_string("mesh", "", "Mesh data,fsdp,model (default: the run's config.mesh).")
+
+
+def evaluate(workdir: str, *, step: int | None = None, data_dir: str = "", mesh: str = "") -> dict:
+  """Evaluates checkpoint `step` of `workdir`; writes workdir/eval.json; returns the results."""
+  import jax
+  from m5p import export, sharding, train
+  from m5p.models.scale import ScaleModel
+  from m5p.state import TrainState
+
+  config = export.mesh_from_flag(export.load_run_config(workdir, step), mesh)
+  data_dir = data_dir or export.run_data_dir(workdir, config)
+  device_mesh = sharding.make_mesh(config.mesh)
+  params, step = export.restore_params(workdir, config, device_mesh, step)
+  shardings = jax.tree.map(lambda a: a.sharding, params)
+  state = TrainState(step=step, params=params, opt_state=None)
+  return train.evaluate(ScaleModel(config), state, config, device_mesh,
+                        TrainState(step=None, params=shardings, opt_state=None), data_dir, workdir)
+
+
+_COUNTS = ("gallery_size", "k", "seeds", "converged", "unseen_test")
+
+
+def table(results: dict) -> str:
+  """One line per task: its headline rates (mAP@k for retrieval), each beside the
+  random-embedding floor in brackets; eval.json has every metric."""
+  lines = []
+  for task in sorted(t for t in results if not t.endswith("_random") and t != "meta"):
+    base_task = task.removesuffix("_contrastive")  # Shares coarse_retrieval's floor.
+    floor = results.get(f"{task}_random") or results.get(f"{base_task}_random", {})
+    cells = []
+    for metric, value in results[task].items():
+      if (metric in _COUNTS or metric.startswith(("num_", "Prec@", "Recall@"))
+          or metric.endswith("_std")):
+        continue
+      base = f" ({floor[metric]:.2f})" if metric in floor else ""
+      cells.append(f"{metric} {value:.2f}{base}")
+    lines.append(f"  {task:29s} " + "  ".join(cells))
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax chatter.
+  from m5p import distributed
+  distributed.initialize()
+  import jax
+  results = evaluate(FLAGS.workdir, step=FLAGS.step, data_dir=FLAGS.data_dir, mesh=FLAGS.mesh)
+  if jax.process_index() == 0:
+    path = os.path.join(os.path.abspath(FLAGS.workdir), "eval.json")
+    with open(path, encoding="utf-8") as f:
+      step = int(json.load(f)["meta"]["step"])
+    print(f"step {step}: {path} (random-embedding floor in brackets)\n{table(results)}", flush=True)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

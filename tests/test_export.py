@@ -1,0 +1,223 @@
+"""Exports of a trained run: params onto any mesh, embeddings, a jax-only serving
+function, the raw-product Encoder, and `python -m m5p.evaluate`.
+
+One tiny run (2 steps on a (2, 2, 2) mesh) and its export are made once for
+the module; each test checks one artifact against what training computed.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from m5p import export, sharding, train
+from m5p.data import convert, pipeline, raw_layout
+
+TOL = 1e-5  # Embeddings across meshes / devices: reduction order differs (seen ~1e-6).
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset, tmp_path_factory):
+  root = tmp_path_factory.mktemp("export")
+  c = tiny_config(total_steps=2)
+  c.mesh.update(dict(data=2, fsdp=2, model=2, num_devices=-1))
+  c.data.dir = tiny_dataset
+  workdir, export_dir = str(root / "run"), str(root / "export")
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(c.to_json_best_effort(indent=2))  # As m5p.main does.
+  train.train_and_evaluate(c, workdir, tiny_dataset)
+  with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
+    train_eval = json.load(f)
+  summary = export.export(workdir, export_dir, log=lambda *a: None)
+  return types.SimpleNamespace(config=c, workdir=workdir, export_dir=export_dir, data=tiny_dataset,
+                               train_eval=train_eval, summary=summary, root=root)
+
+
+@pytest.fixture(scope="module")
+def encoder(run):
+  import m5p
+  return m5p.Encoder.from_export(run.export_dir)
+
+
+def _mesh(**axes):
+  c = tiny_config()
+  c.mesh.update(dict(data=1, fsdp=1, model=1, num_devices=-1))
+  c.mesh.update(axes)
+  return sharding.make_mesh(c.mesh)
+
+
+def test_export_layout(run):
+  e = run.export_dir
+  for name in ("params", "config.json", "tokenizer.model", "manifest.json", "export.json",
+               "embeddings/test.npz", "embeddings/train.npz", "serving/model.jax",
+               "serving/spec.json"):
+    assert os.path.exists(os.path.join(e, name)), name
+  assert run.summary["step"] == 2
+  with open(os.path.join(e, "manifest.json"), encoding="utf-8") as f:
+    conversion = json.load(f)["conversion"]
+  assert conversion["image_size"] == run.config.data.image_size
+
+
+def test_config_round_trips_through_json(run):
+  c = run.config
+  assert export.config_from_json(c.to_json_best_effort()).to_dict() == c.to_dict()
+  assert export.load_config(run.export_dir).to_dict() == c.to_dict()
+  # Without W/config.json (runs started from Python) the checkpoint's copy is used.
+  bare = str(run.root / "bare")
+  shutil.copytree(os.path.join(run.workdir, "checkpoints"), os.path.join(bare, "checkpoints"))
+  assert export.load_run_config(bare).to_dict() == c.to_dict()
+  assert isinstance(export.load_config(run.export_dir).model.audio_patch, tuple)
+
+
+def test_params_restore_equal_on_other_meshes(run):
+  trained, step = export.restore_params(run.workdir, run.config, sharding.make_mesh(run.config.mesh))
+  assert step == 2
+  ref = jax.tree.map(np.asarray, jax.device_get(trained))
+  for overrides, devices in (({"mesh": dict(data=1, fsdp=1, model=1, num_devices=1)}, 1),
+                             ({"mesh.data": 1, "mesh.fsdp": 8, "mesh.model": 1}, 8)):
+    params, config = export.load_params(run.export_dir, config_overrides=overrides)
+    leaves = jax.tree.leaves(params)
+    assert {len(leaf.sharding.device_set) for leaf in leaves} == {devices}
+    assert dict(leaves[0].sharding.mesh.shape) == {k: config.mesh[k] for k in ("data", "fsdp", "model")}
+    assert jax.tree.structure(params) == jax.tree.structure(ref)
+    for a, b in zip(leaves, jax.tree.leaves(ref)):
+      np.testing.assert_array_equal(np.asarray(a), b)
+  one = _mesh(num_devices=1)
+  params, _ = export.load_params(run.export_dir, mesh=one)  # An explicit mesh wins.
+  assert all(leaf.sharding.mesh == one for leaf in jax.tree.leaves(params))
+
+
+def test_embeddings_npz_load_without_pickle_and_match_the_split(run, encoder):
+  manifest = convert.load_manifest(run.data)
+  for split in ("test", "train"):
+    emb = export.load_embeddings(os.path.join(run.export_dir, "embeddings", f"{split}.npz"))
+    n, d, p = manifest["splits"][split], run.config.model.width, run.config.model.proj_dim
+    assert emb["item_id"].dtype.kind == "U" and emb["item_id"].shape == (n,)
+    assert emb["fused"].shape == (n, d) and emb["pooled"].shape == (n, 5, d)
+    assert emb["z"].shape == (n, 5, p) and emb["present"].shape == (n, 5)
+    assert int(emb["step"]) == 2
+    if split != "test":
+      continue
+    rows = {k: [] for k in ("item_id", "label", "fine_group", "index", "fused", "z", "present")}
+    for batch in pipeline.eval_batches(run.config, run.data, split):
+      keep = batch["index"] >= 0
+      out = encoder.embed_batch({k: v for k, v in batch.items() if k != "item_id"})
+      for k in ("fused", "z", "present"):
+        rows[k].append(out[k][keep])
+      rows["item_id"].append([i.decode() for i in batch["item_id"][keep]])
+      for k in ("label", "fine_group", "index"):
+        rows[k].append(batch[k][keep])
+    got = {k: np.concatenate(v) for k, v in rows.items()}
+    for k in ("item_id", "label", "fine_group", "index", "present"):
+      np.testing.assert_array_equal(emb[k], got[k], err_msg=k)
+    np.testing.assert_allclose(emb["fused"], got["fused"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(emb["z"], got["z"], atol=TOL, rtol=0)
+
+
+SERVE = textwrap.dedent("""
+    import json, sys
+    sys.modules["m5p"] = None  # Importing m5p now fails: the file must need jax alone.
+    import jax, numpy as np
+    export_dir, batch_path, out_path = sys.argv[1:4]
+    with open(export_dir + "/serving/spec.json") as f:
+      spec = json.load(f)
+    with open(export_dir + "/serving/" + spec["file"], "rb") as f:
+      exported = jax.export.deserialize(bytearray(f.read()))
+    with np.load(batch_path, allow_pickle=False) as f:
+      batch = {k: f[k] for k in spec["inputs"]}
+    for k, s in spec["inputs"].items():
+      assert batch[k].dtype == np.dtype(s["dtype"]), k
+    out = exported.call(batch)
+    np.savez(out_path, **{k: np.asarray(v) for k, v in out.items()})
+""")
+
+
+def test_serving_function_runs_without_m5p_and_matches(run, tmp_path):
+  with open(os.path.join(run.export_dir, "serving", "spec.json"), encoding="utf-8") as f:
+    spec = json.load(f)
+  assert spec["polymorphic_batch"] and "cpu" in spec["platforms"]
+  batch = next(pipeline.eval_batches(run.config, run.data, "test"))
+  n = 5  # Not the export's example batch size: the batch dimension is symbolic.
+  np.savez(tmp_path / "batch.npz", **{k: batch[k][:n] for k in spec["inputs"]})
+  subprocess.run([sys.executable, "-c", SERVE, run.export_dir, str(tmp_path / "batch.npz"),
+                  str(tmp_path / "out.npz")], check=True, cwd=str(tmp_path), env=_env(), timeout=600)
+  with np.load(tmp_path / "out.npz", allow_pickle=False) as f:
+    out = {k: f[k] for k in f.files}
+  emb = export.load_embeddings(os.path.join(run.export_dir, "embeddings", "test.npz"))
+  assert out["fused"].shape == (n, run.config.model.width)
+  np.testing.assert_allclose(out["fused"], emb["fused"][:n], atol=TOL, rtol=0)
+  np.testing.assert_allclose(out["z"], emb["z"][:n], atol=TOL, rtol=0)
+  np.testing.assert_array_equal(out["present"], emb["present"][:n])
+
+
+def _env() -> dict:
+  """The test's environment for child processes, with its compilation cache."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "")
+
+
+def _raw_products(run, split: str) -> tuple[list[str], list[dict]]:
+  """The split's items as raw files (the tiny dataset's raw dir is beside its data dir)."""
+  raw = os.path.join(os.path.dirname(run.data), "raw")
+  entries = {}
+  for name in raw_layout.find_splits(raw).values():
+    entries.update(raw_layout.iter_entries(name))
+  source = convert.open_split(run.data, split)
+  ids, products = [], []
+  for i in range(len(source)):
+    record = source[i]
+    if any(b"crashed" in f for f in record["faults"]):
+      continue  # A media worker died while converting: the record is not the file's.
+    item_id = record["item_id"].decode()
+    paths, _ = raw_layout.find_media(raw, item_id)
+    product = {"title": entries[item_id].get("title"), "pv": entries[item_id].get("pv")}
+    product.update({k: v for k, v in paths.items() if k in ("image", "video", "audio")})
+    ids.append(item_id)
+    products.append(product)
+  return ids, products
+
+
+def test_encoder_on_raw_files_matches_the_export(run, encoder):
+  emb = export.load_embeddings(os.path.join(run.export_dir, "embeddings", "test.npz"))
+  ids, products = _raw_products(run, "test")
+  assert len(ids) >= len(emb["item_id"]) - 3
+  assert {"image", "video", "audio", "title", "pv"} <= set().union(*products)  # Every modality.
+  out = encoder.embed(products)
+  rows = [list(emb["item_id"]).index(i) for i in ids]
+  np.testing.assert_array_equal(out["present"], emb["present"][rows])
+  np.testing.assert_allclose(out["fused"], emb["fused"][rows], atol=TOL, rtol=0)
+  np.testing.assert_allclose(out["z"], emb["z"][rows], atol=TOL, rtol=0)
+
+  # The same image given as bytes; a product of a title only; an unknown field.
+  k = next(j for j, p in enumerate(products) if "image" in p)
+  with open(products[k]["image"], "rb") as f:
+    as_bytes = dict(products[k], image=f.read())
+  title_only = {"title": products[k]["title"] or "a title"}
+  out2 = encoder.embed([as_bytes, title_only])
+  np.testing.assert_array_equal(out2["fused"][0], out["fused"][k])
+  assert out2["present"][1].tolist() == [True, False, False, False, False]
+  assert out2["faults"] == [out["faults"][k], []]
+  with pytest.raises(ValueError, match="unknown product fields"):
+    encoder.embed([{"images": "x.jpg"}])
+
+
+def test_evaluate_cli_reproduces_the_training_eval(run):
+  os.remove(os.path.join(run.workdir, "eval.json"))
+  r = subprocess.run([sys.executable, "-m", "m5p.evaluate", f"--workdir={run.workdir}"],
+                     capture_output=True, text=True, env=_env(), timeout=600,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "coarse_retrieval" in r.stdout and "mAP@1" in r.stdout
+  with open(os.path.join(run.workdir, "eval.json"), encoding="utf-8") as f:
+    got = json.load(f)
+  assert got["meta"]["step"] == run.train_eval["meta"]["step"] == 2
+  assert got["coarse_retrieval"]["mAP@1"] == run.train_eval["coarse_retrieval"]["mAP@1"]
+  assert got["coarse_retrieval"] == pytest.approx(run.train_eval["coarse_retrieval"])
