@@ -12,6 +12,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 64  # Global batch, across all processes and devices.
+  # Gradient accumulation: the global batch is run as accum_steps micro-batches
+  # of batch_size / accum_steps (m5p.accumulation); the contrastive negatives
+  # stay the whole global batch, so loss and gradients equal accum_steps=1.
+  c.accum_steps = 1
   c.log_every = 10
   c.ckpt_every = 200
   c.eval_every = 0  # 0: evaluate once, at the end.
@@ -61,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.video_uses_image_stack = True  # Authors: video reuses the image stack.
   c.model.missing = "mask"  # 'mask' (m5p) or 'zeros' (authors: zeros fed and attended).
   c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
+  c.model.remat = False  # Recompute each transformer block in the backward pass (less memory).
 
   c.loss = ml_collections.ConfigDict()
   c.loss.harmonization = "per_sample_logits"  # | 'pair_loss_weights' | 'uniform'
@@ -89,4 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Also embed this split for the linear probe's `cls_train` items when they
   # are not in the eval split ('' = never: the probe then splits the eval split).
   c.eval.probe_train_split = "train"
+  # The 31 x 31 any-modality retrieval matrix at the final evaluation (31 more
+  # embedding passes of the eval split; `python -m m5p.evaluate` always does it).
+  c.eval.any_modality = False
   return c

@@ -22,9 +22,12 @@ def _define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("data_dir", "", "Converted dataset (default: the run's data.dir or W/data).")
   flags.DEFINE_string("mesh", "", "Mesh data,fsdp,model (default: the run's config.mesh).")
+  flags.DEFINE_bool("any_modality", True, "Also the 31 x 31 any-modality retrieval matrix "
+                    "(W/any_modality.json, .md, .png).")
 
 
-def evaluate(workdir: str, *, step: int | None = None, data_dir: str = "", mesh: str = "") -> dict:
+def evaluate(workdir: str, *, step: int | None = None, data_dir: str = "", mesh: str = "",
+             any_modality: bool = True) -> dict:
   """Evaluates checkpoint `step` of `workdir`; writes workdir/eval.json; returns the results."""
   import jax
   from m5p import export, sharding, train
@@ -38,7 +41,8 @@ def evaluate(workdir: str, *, step: int | None = None, data_dir: str = "", mesh:
   shardings = jax.tree.map(lambda a: a.sharding, params)
   state = TrainState(step=step, params=params, opt_state=None)
   return train.evaluate(ScaleModel(config), state, config, device_mesh,
-                        TrainState(step=None, params=shardings, opt_state=None), data_dir, workdir)
+                        TrainState(step=None, params=shardings, opt_state=None), data_dir, workdir,
+                        any_modality=any_modality)
 
 
 _COUNTS = ("gallery_size", "k", "seeds", "converged", "unseen_test")
@@ -48,7 +52,8 @@ def table(results: dict) -> str:
   """One line per task: its headline rates (mAP@k for retrieval), each beside the
   random-embedding floor in brackets; eval.json has every metric."""
   lines = []
-  for task in sorted(t for t in results if not t.endswith("_random") and t != "meta"):
+  for task in sorted(t for t in results if not t.endswith("_random") and t != "meta"
+                     and not t.startswith("any_modality")):
     base_task = task.removesuffix("_contrastive")  # Shares coarse_retrieval's floor.
     floor = results.get(f"{task}_random") or results.get(f"{base_task}_random", {})
     cells = []
@@ -59,6 +64,11 @@ def table(results: dict) -> str:
       base = f" ({floor[metric]:.2f})" if metric in floor else ""
       cells.append(f"{metric} {value:.2f}{base}")
     lines.append(f"  {task:29s} " + "  ".join(cells))
+  if "any_modality_query" in results:
+    q = results["any_modality_query"]
+    best = max(q, key=q.get)
+    lines.append(f"  any_modality (31 query subsets vs full products): best {best} {q[best]:.2f}, "
+                 "table in any_modality.md, heatmap in any_modality.png")
   return "\n".join(lines)
 
 
@@ -70,7 +80,8 @@ def main(argv: list[str]) -> None:
   from m5p import distributed
   distributed.initialize()
   import jax
-  results = evaluate(FLAGS.workdir, step=FLAGS.step, data_dir=FLAGS.data_dir, mesh=FLAGS.mesh)
+  results = evaluate(FLAGS.workdir, step=FLAGS.step, data_dir=FLAGS.data_dir, mesh=FLAGS.mesh,
+                     any_modality=FLAGS.any_modality)
   if jax.process_index() == 0:
     path = os.path.join(os.path.abspath(FLAGS.workdir), "eval.json")
     with open(path, encoding="utf-8") as f:

@@ -18,8 +18,9 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from m5p import checkpointing, flops, optim, sharding
+from m5p import accumulation, checkpointing, flops, optim, sharding
 from m5p.data import convert, pipeline
+from m5p.evaluation import any_modality as any_modality_lib
 from m5p.evaluation import embed as embed_lib
 from m5p.evaluation import evaluator
 from m5p.losses.total import compute_loss
@@ -30,18 +31,35 @@ from m5p.state import TrainState, abstract_state, create_sharded_state, num_para
 log = logging.getLogger("m5p")
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    config: ml_collections.ConfigDict):
-  base_rng = jax.random.key(config.seed + 7)
+def make_value_and_grad(model: nn.Module, config: ml_collections.ConfigDict
+                        ) -> accumulation.ValueAndGrad:
+  """(params, batch, dropout_rng) -> ((loss, metrics), grads) of the training
+  loss on the global batch: one pass, or config.accum_steps micro-batches
+  (m5p.accumulation: the same loss and gradients, less activation memory)."""
+  accum_steps = int(config.get("accum_steps", 1))
+  if accum_steps < 1:
+    raise ValueError(f"config.accum_steps={accum_steps}: expected >= 1")
+  if accum_steps > 1:
+    return accumulation.make_value_and_grad(model, config, accum_steps)
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    dropout_rng = jax.random.fold_in(base_rng, state.step)  # Depends on the step only: resumable.
-
+  def value_and_grad(params: Any, batch: dict, dropout_rng: jax.Array):
     def loss_fn(params):
       out = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_rng})
       return compute_loss(out, batch, config)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  return value_and_grad
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    config: ml_collections.ConfigDict):
+  base_rng = jax.random.key(config.seed + 7)
+  value_and_grad = make_value_and_grad(model, config)
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    dropout_rng = jax.random.fold_in(base_rng, state.step)  # Depends on the step only: resumable.
+    (loss, metrics), grads = value_and_grad(state.params, batch, dropout_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, lr=schedule(state.step), grad_norm=optax.global_norm(grads))
@@ -55,7 +73,10 @@ def _to_device(batch: dict, batch_shard) -> dict:
 
 
 def evaluate(model, state, config, mesh, state_shardings, data_dir: str, workdir: str,
-             embed_fn=None) -> dict:
+             embed_fn=None, any_modality: bool | None = None) -> dict:
+  """Embeds the eval split and writes workdir/eval.json; with `any_modality`
+  (default config.eval.any_modality) also the 31 x 31 any-modality retrieval
+  matrix (workdir/any_modality.{json,md,png}: 31 more embedding passes)."""
   embed_fn = embed_fn or embed_lib.make_embed_fn(model, mesh, state_shardings.params)
   emb = embed_lib.embed_split(embed_fn, state.params, config, mesh, data_dir, config.data.eval_split)
   train_emb = None
@@ -66,6 +87,15 @@ def evaluate(model, state, config, mesh, state_shardings, data_dir: str, workdir
     train_emb = embed_lib.embed_split(embed_fn, state.params, config, mesh, data_dir, probe_split)
   results = evaluator.evaluate_embeddings(emb, data_dir, tuple(config.eval.ks), seed=config.seed,
                                           train_emb=train_emb)
+  if config.eval.any_modality if any_modality is None else any_modality:
+    queries, gallery = evaluator.coarse_query_gallery(emb, data_dir)
+    matrix = any_modality_lib.retrieval_matrix(
+        lambda keep: embed_lib.embed_split(embed_fn, state.params, config, mesh, data_dir,
+                                           config.data.eval_split, keep_modalities=keep),
+        queries, gallery)
+    results.update(any_modality_lib.summary(matrix))
+    if jax.process_index() == 0:
+      any_modality_lib.write(matrix, workdir)
   step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     evaluator.write_eval(workdir, results, step)

@@ -18,7 +18,7 @@ def _fake_embedder(n=40, classes=4, seed=0):
   has[0, 4] = False
 
   def embed(keep):
-    present = has & keep[None]
+    present = has if keep is None else has & keep[None]
     fused = sum(per_modality[m] * present[:, m:m + 1] for m in range(5))
     return {"fused": fused, "present": present, "label": labels, "index": np.arange(n)}
 
@@ -30,7 +30,7 @@ def test_matrix_finds_the_informative_modality(tmp_path):
   rows = np.arange(n)
   result = any_modality.retrieval_matrix(embed, rows, rows)
   names = result["subsets"]
-  assert len(names) == 31 and names[0] == "text" and names[-1] == any_modality.FULL
+  assert len(names) == 32 and names[0] == "text" and names[-1] == any_modality.FULL
   table = result["map"]
   text, audio = names.index("text"), names.index("audio")
   assert table[text, text] == pytest.approx(100.0)
@@ -38,10 +38,12 @@ def test_matrix_finds_the_informative_modality(tmp_path):
   assert result["num_queries"][audio] == n - 1  # Item 0 has no audio: not an audio query.
   sections = any_modality.summary(result)
   assert set(sections) == {"any_modality_query", "any_modality_gallery"}
-  assert len(sections["any_modality_query"]) == 31
+  assert len(sections["any_modality_query"]) == 32
+  full = names.index(any_modality.FULL)
+  assert result["num_queries"][full] == n  # As they are: nobody left out.
   assert sections["any_modality_query"]["text@1"] > sections["any_modality_query"]["audio@1"]
   json_path, md_path, png_path = any_modality.write(result, str(tmp_path))
-  assert len(json.load(open(json_path))["map"]) == 31
+  assert len(json.load(open(json_path))["map"]) == 32
   assert "| text |" in open(md_path).read()
   from PIL import Image
   assert Image.open(png_path).size[0] > 500

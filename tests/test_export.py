@@ -221,3 +221,8 @@ def test_evaluate_cli_reproduces_the_training_eval(run):
   assert got["meta"]["step"] == run.train_eval["meta"]["step"] == 2
   assert got["coarse_retrieval"]["mAP@1"] == run.train_eval["coarse_retrieval"]["mAP@1"]
   assert got["coarse_retrieval"] == pytest.approx(run.train_eval["coarse_retrieval"])
+  # The any-modality matrix: the full-products row equals plain coarse retrieval.
+  full = got["any_modality_query"]["all_present@1"]
+  assert full == pytest.approx(got["coarse_retrieval"]["mAP@1"], abs=1e-4)
+  for name in ("any_modality.json", "any_modality.md", "any_modality.png"):
+    assert os.path.exists(os.path.join(run.workdir, name)), name

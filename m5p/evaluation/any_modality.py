@@ -6,8 +6,10 @@ same forward pass with `present` ANDed with S. For every query subset S and
 gallery subset G, queries are the coarse-retrieval queries that have every
 modality of S, the gallery the gallery items that have every modality of G,
 and the metric is the authors' coarse mAP@1 (relevant = same category).
-The column G = all five is "query with S against a gallery of full
-products".
+One more row and column, `all_present`, is the products as they are (every
+modality they have, no item left out): its column is "query with S against
+a gallery of full products", and its cell with itself is plain coarse
+retrieval.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 from m5p.evaluation import retrieval
 from m5p.modalities import MODALITIES, NUM_MODALITIES
 
-FULL = "+".join(MODALITIES)
+FULL = "all_present"  # Every modality a product has; no product left out.
 
 
 def subsets() -> list[tuple[str, np.ndarray]]:
@@ -40,18 +42,20 @@ def retrieval_matrix(embed_subset: Callable[[np.ndarray], dict], query_rows: np.
   """mAP@k for every (query subset, gallery subset) pair.
 
   `embed_subset(keep)` returns the split's embeddings with only the `keep`
-  modalities (fields fused, present, label, index; rows in split order).
-  Returns {'subsets': names, 'map': [31, 31] (NaN where no query or gallery
-  item has the subset), 'num_queries': [31], 'gallery_size': [31]}.
+  modalities (keep None: as they are; fields fused, present, label, index;
+  rows in split order). Returns {'subsets': the 31 names + 'all_present',
+  'map': [32, 32] (NaN where no query or gallery item has the subset),
+  'num_queries': [32], 'gallery_size': [32]}.
   """
   names, feats, has = [], [], []
   labels = keys = None
-  for name, keep in subsets():
+  for name, keep in subsets() + [(FULL, None)]:
     emb = embed_subset(keep)
     names.append(name)
     feats.append(np.asarray(emb["fused"], np.float32))
+    present = np.asarray(emb["present"], bool)
     # The item has every modality of the subset (present after masking == keep).
-    has.append((np.asarray(emb["present"], bool) == keep[None]).all(1))
+    has.append(np.ones(len(present), bool) if keep is None else (present == keep[None]).all(1))
     labels, keys = emb["label"], emb["index"]
   n = len(names)
   table = np.full((n, n), np.nan)
@@ -105,12 +109,14 @@ def write(result: dict, out_dir: str) -> tuple[str, str, str]:
   md_path = os.path.join(out_dir, "any_modality.md")
   with open(md_path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
-  short = ["".join(m[0].upper() if m != "table" else "B" for m in n.split("+")) for n in names]
+  short = ["ALL" if n == FULL else "".join(m[0].upper() if m != "table" else "B"
+                                           for m in n.split("+")) for n in names]
   fig, ax = plt.subplots(figsize=(11, 10))
   im = ax.imshow(np.ma.masked_invalid(table), cmap="viridis")
   ax.set_xticks(range(len(names)), short, rotation=90, fontsize=7)
   ax.set_yticks(range(len(names)), short, fontsize=7)
-  ax.set_xlabel("gallery modalities (T text, B table, I image, V video, A audio)")
+  ax.set_xlabel("gallery modalities (T text, B table, I image, V video, A audio; "
+                "ALL: products as they are)")
   ax.set_ylabel("query modalities")
   ax.set_title(f"coarse mAP@{k} by query and gallery modality subset")
   fig.colorbar(im, ax=ax, fraction=0.046)

@@ -76,6 +76,11 @@ def _query_gallery(emb: dict, data_dir: str, prefix: str) -> tuple[np.ndarray, n
   return labelled, labelled
 
 
+def coarse_query_gallery(emb: dict, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
+  """Rows of the coarse-retrieval queries and gallery (also used by any-modality retrieval)."""
+  return _query_gallery(emb, data_dir, "coarse")
+
+
 def coarse_retrieval(emb: dict, data_dir: str, ks: tuple[int, ...], seed: int) -> dict[str, dict]:
   q, g = _query_gallery(emb, data_dir, "coarse")
   labels, keys = emb["label"], emb["index"]

@@ -63,9 +63,10 @@ class ScaleModel(nn.Module):
       raise ValueError(f"config.model.missing={m.missing!r}: expected 'mask' or 'zeros'")
     self.dtype = layers.compute_dtype(m.dtype)
     d, heads, r, drop = m.width, m.heads, m.mlp_ratio, m.dropout
+    remat = bool(m.get("remat", False))  # Every tower's and the JCT's blocks.
 
     def encoder(n):
-      return layers.Encoder(n, heads, r, self.dtype, drop)
+      return towers.encoder(n, heads, r, self.dtype, drop, remat)
 
     self.word_embed = nn.Embed(
         c.data.vocab_size, d, dtype=self.dtype, param_dtype=jnp.float32,
@@ -78,12 +79,15 @@ class ScaleModel(nn.Module):
     self.text = towers.TextTower(self.word_embed, self.text_stack, c.data.text_len, d, self.dtype, drop)
     self.table = towers.TableTower(self.word_embed, table_stack, c.data.table_len,
                                    c.data.max_fields, d, self.dtype, drop)
-    self.image = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype, drop)
+    self.image = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype, drop,
+                                   remat)
     if not m.video_uses_image_stack:
       self.video_frames = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype,
-                                            drop)
-    self.video = towers.VideoTower(c.data.max_frames, m.video_layers, d, heads, r, self.dtype, drop)
-    self.audio = towers.AudioTower(tuple(m.audio_patch), m.audio_layers, d, heads, r, self.dtype, drop)
+                                            drop, remat)
+    self.video = towers.VideoTower(c.data.max_frames, m.video_layers, d, heads, r, self.dtype, drop,
+                                   remat)
+    self.audio = towers.AudioTower(tuple(m.audio_patch), m.audio_layers, d, heads, r, self.dtype,
+                                   drop, remat)
 
     # One projection per modality, in MODALITIES order (params proj_0 .. proj_4).
     self.proj = [layers.dense(m.proj_dim, "embed", "proj", jnp.float32) for _ in MODALITIES]

@@ -101,6 +101,13 @@ def embed_tokens_lookup(word_embed: nn.Module, ids: jax.Array) -> jax.Array:
   return jnp.take(table, ids, axis=0).astype(word_embed.dtype)
 
 
+def encoder(num_layers: int, heads: int, mlp_ratio: int, dtype: Dtype, dropout: float,
+            remat: bool = False, name: str | None = None) -> nn.Module:
+  """A transformer stack; `remat` (config.model.remat) recomputes each block
+  in the backward pass. Same parameter tree either way."""
+  return layers.Encoder(num_layers, heads, mlp_ratio, dtype, dropout, remat, name=name)
+
+
 def _true_first(mask: jax.Array) -> jax.Array:
   """[B, L] -> [B, L] with column 0 forced True (the CLS is always attendable)."""
   return mask.at[:, 0].set(True)
@@ -173,6 +180,7 @@ class ImageTower(nn.Module):
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
+  remat: bool = False  # Rematerialise each block (config.model.remat).
 
   @nn.compact
   def __call__(self, pixels: jax.Array, zero: jax.Array | None, *, train: bool,
@@ -189,8 +197,8 @@ class ImageTower(nn.Module):
     x = _with_cls(cls, x) + pos.astype(self.dtype)[None]
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     key_mask = jnp.ones(x.shape[:2], bool)
-    x = layers.Encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout,
-                       name="stack")(layers.constrain(x), key_mask, train=train, split=split)
+    x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
+                name="stack")(layers.constrain(x), key_mask, train=train, split=split)
     return x, key_mask
 
 
@@ -209,6 +217,7 @@ class VideoTower(nn.Module):
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
+  remat: bool = False
 
   @nn.compact
   def __call__(self, frame_tokens, frame_mask, *, train: bool):
@@ -219,8 +228,8 @@ class VideoTower(nn.Module):
     x = _with_cls(cls, frame_tokens.astype(self.dtype)) + pos.astype(self.dtype)[None]
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     key_mask = jnp.concatenate([jnp.ones((b, 1), bool), frame_mask], axis=1)
-    x = layers.Encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout,
-                       name="stack")(layers.constrain(x), key_mask, train=train)
+    x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
+                name="stack")(layers.constrain(x), key_mask, train=train)
     return x, key_mask
 
 
@@ -242,6 +251,7 @@ class AudioTower(nn.Module):
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
+  remat: bool = False
 
   @nn.compact
   def __call__(self, logmel, patch_mask, zero, *, train: bool):
@@ -254,6 +264,6 @@ class AudioTower(nn.Module):
     x = _with_cls(cls, x) + pos.astype(self.dtype)[None]
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     key_mask = jnp.concatenate([jnp.ones((x.shape[0], 1), bool), patch_mask], axis=1)
-    x = layers.Encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout,
-                       name="stack")(layers.constrain(x), key_mask, train=train)
+    x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
+                name="stack")(layers.constrain(x), key_mask, train=train)
     return x, key_mask
