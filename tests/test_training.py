@@ -69,7 +69,9 @@ def test_short_training_lowers_the_loss(tiny_dataset, tmp_path):
   losses = _losses(str(tmp_path))
   first = np.mean([losses[s] for s in range(1, 6)])
   last = np.mean([losses[s] for s in range(36, 41)])
-  assert last < 0.8 * first, losses
+  # Seeds 0, 1, 2 give last/first 0.85, 0.77, 0.76 on this set; a model that
+  # does not learn stays above 0.95 (the loss is dominated by five masked tasks).
+  assert last < 0.9 * first, losses
 
 
 def test_loss_and_gradients_equal_across_meshes():
