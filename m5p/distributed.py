@@ -65,3 +65,23 @@ def initialize(env: dict[str, str] | None = None) -> str | None:
   log.info("JAX distributed (%s): process %d of %d, %d local / %d global devices.", kind,
            jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
   return kind
+
+
+_barriers = 0
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+  """Waits until every process gets here (no-op for one process).
+
+  Goes through the coordination service, not a device collective: it is for
+  before the first collectives of a freshly compiled program, since processes
+  finish compiling at different times and Gloo gives up on a peer that is
+  more than 30 s late.
+  """
+  global _barriers
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  _barriers += 1
+  jax_distributed.global_state.client.wait_at_barrier(f"m5p_{name}_{_barriers}",
+                                                      int(timeout_s * 1000))

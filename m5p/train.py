@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from m5p import accumulation, checkpointing, flops, optim, sharding
+from m5p import accumulation, checkpointing, distributed, flops, optim, sharding
 from m5p.data import convert, pipeline
 from m5p.evaluation import any_modality as any_modality_lib
 from m5p.evaluation import embed as embed_lib
@@ -167,6 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
         step_flops = flops.compiled_flops(compiled_step)
         log.info("Train step compiled in %.1f s: %.3f GFLOP per device per step.",
                  time.perf_counter() - t_compile, step_flops / 1e9)
+        distributed.barrier("train_step_compiled")  # Every process compiled: collectives line up.
         window_start += time.perf_counter() - t_compile  # Compiling is not step time.
       state, metrics = compiled_step(state, device_batch)
     window_steps += 1

@@ -10,7 +10,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from m5p import sharding
+from m5p import distributed, sharding
 from m5p.data import pipeline
 
 EMBEDDING_KEYS = ("fused", "pooled", "z", "present")
@@ -56,6 +56,9 @@ def embed_split(embed_fn: Callable, params: Any, config: ml_collections.ConfigDi
       batch["present"] = batch["present"] & np.asarray(keep_modalities, bool)[None]
     device_batch = {k: jax.make_array_from_process_local_data(batch_shard, v) for k, v in batch.items()}
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+      if not chunks and jax.process_count() > 1:  # Compile, then start together (see barrier).
+        embed_fn.lower(params, device_batch).compile()
+        distributed.barrier("embed_compiled")
       out = embed_fn(params, device_batch)
     for k, v in out.items():
       chunks.setdefault(k, []).append(np.asarray(jax.device_get(v)))
