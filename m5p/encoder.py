@@ -99,15 +99,7 @@ class Encoder:
       m = media.decode_item_media(paths, int(c["image_size"]), int(c["max_frames"]),
                                   int(c["n_mels"]), float(c["max_audio_seconds"]))
     faults = item.faults + m.faults
-    example = {
-        "item_id": item.item_id, "label": np.int32(-1), "fine_group": "",
-        "fine_group_id": np.int32(-1), "title": item.title, "table_keys": item.table_keys,
-        "table_values": item.table_values, "image": m.image, "video": m.video, "audio": m.audio,
-        "faults": faults, "lists": [],
-    }
-    for name in schema.FEATURES:
-      for suffix, value in schema.flat_feature(None).items():
-        example[name + suffix] = value
+    example = schema.example(item, m, faults=faults)
     record = self.features.deserialize_example_np(self.features.serialize_example(example))
     return record, faults
 

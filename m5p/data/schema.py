@@ -64,3 +64,21 @@ def feature_array(record: dict, name: str) -> np.ndarray:
   """The record's `name` feature as float16 [N, D] ([0, 0] when absent)."""
   n, d = (int(v) for v in record[f"{name}_shape"])
   return np.asarray(record[name], np.float16).reshape(n, d)
+
+
+def example(item, item_media, *, faults: list[str], group: str = "", group_id: int = -1,
+            lists: tuple[str, ...] | list[str] = ()) -> dict:
+  """The record dict of one product (`features().serialize_example` input), from
+  its parsed text (`raw_layout.RawItem`) and decoded media (`media.ItemMedia`):
+  the one place the converter and `m5p.Encoder` build it."""
+  out = {
+      "item_id": item.item_id, "label": np.int32(item.label), "fine_group": group,
+      "fine_group_id": np.int32(group_id), "title": item.title,
+      "table_keys": item.table_keys, "table_values": item.table_values,
+      "image": item_media.image, "video": item_media.video, "audio": item_media.audio,
+      "faults": faults, "lists": list(lists),
+  }
+  for name in FEATURES:
+    for suffix, value in flat_feature(item_media.features.get(name)).items():
+      out[name + suffix] = value
+  return out

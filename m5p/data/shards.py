@@ -290,23 +290,9 @@ def convert_shard(job: ShardJob, decoder: MediaDecoder | None = None,
       if item.label >= 0:
         labels.add(item.label)
       group = group_of.get(item.item_id, "")
-      example = {
-          "item_id": item.item_id,
-          "label": np.int32(item.label),
-          "fine_group": group,
-          "fine_group_id": np.int32(group_id[group] if group else -1),
-          "title": item.title,
-          "table_keys": item.table_keys,
-          "table_values": item.table_values,
-          "image": m.image,
-          "video": m.video,
-          "audio": m.audio,
-          "faults": item_faults,
-          "lists": list(lists_of.get(item.item_id, ())),
-      }
-      for name in schema.FEATURES:
-        for suffix, value in schema.flat_feature(m.features.get(name)).items():
-          example[name + suffix] = value
+      example = schema.example(item, m, faults=item_faults, group=group,
+                               group_id=group_id[group] if group else -1,
+                               lists=lists_of.get(item.item_id, ()))
       record = features.serialize_example(example)
       writer.write(record)
       written += 1
