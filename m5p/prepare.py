@@ -25,7 +25,17 @@ def _has_dataset(data_dir: str) -> bool:
   return bool(data_dir) and os.path.exists(os.path.join(data_dir, "manifest.json"))
 
 
-def _convert(config: ml_collections.ConfigDict, raw_dir: str, data_dir: str) -> None:
+def _is_stale(data_dir: str) -> bool:
+  """A finished conversion whose records an older m5p wrote (another RECORD_VERSION)."""
+  try:
+    convert.load_manifest(data_dir)
+  except ValueError:
+    return True
+  return False
+
+
+def _convert(config: ml_collections.ConfigDict, raw_dir: str, data_dir: str,
+             overwrite: bool = False) -> None:
   d = config.data
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
@@ -33,7 +43,7 @@ def _convert(config: ml_collections.ConfigDict, raw_dir: str, data_dir: str) -> 
   log.info("Converting %s -> %s", raw_dir, data_dir)
   convert.convert(raw_dir, data_dir, image_size=d.image_size, max_frames=d.max_frames, n_mels=d.n_mels,
                   max_audio_seconds=d.max_audio_seconds, num_shards=d.num_shards,
-                  vocab_size=d.vocab_size, log=log.info)
+                  vocab_size=d.vocab_size, overwrite=overwrite, log=log.info)
   log.info("Conversion done in %.1fs.", time.perf_counter() - t0)
 
 
@@ -54,16 +64,20 @@ def ensure_dataset(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Returns the directory of a converted dataset, making it first if needed."""
   d = config.data
   data_dir = d.dir or os.path.join(workdir, "data")
-  if jax.process_index() == 0 and not _has_dataset(data_dir):
+  # The run's own conversion (no data.dir), written by an older m5p: convert again.
+  stale = not d.dir and _has_dataset(data_dir) and _is_stale(data_dir)
+  if stale and jax.process_index() == 0:
+    log.info("%s holds records of an older m5p version; converting again.", data_dir)
+  if jax.process_index() == 0 and (stale or not _has_dataset(data_dir)):
     if d.raw_dir:
-      _convert(config, d.raw_dir, data_dir)
+      _convert(config, d.raw_dir, data_dir, overwrite=stale)
     elif d.dir:
       raise FileNotFoundError(f"config.data.dir={d.dir!r} holds no manifest.json, and no "
                               "config.data.raw_dir was given to convert from.")
     else:
       raw_dir = os.path.join(workdir, "raw")
       _generate(config, raw_dir)
-      _convert(config, raw_dir, data_dir)
+      _convert(config, raw_dir, data_dir, overwrite=stale)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("m5p_dataset_ready")
   return data_dir
