@@ -21,6 +21,7 @@ def get_config(variant: str = ""):
     c.async_checkpointing = False
     c.data.read_threads = 1
     c.eval.batch_size = 32
+    c.eval.report = False  # Tested on its own (tests/test_report.py, test_export.py).
     c.data.vocab_size = 600
     c.data.synthetic_products = 160
     c.model.update(dict(width=32, heads=2, text_layers=1, image_layers=1, video_layers=1,

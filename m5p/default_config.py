@@ -21,16 +21,33 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 0  # 0: evaluate once, at the end.
   c.keep_checkpoints = 2
   c.async_checkpointing = True
+  # What the one training loop (m5p/train.py) trains: 'pretrain' (SCALE's
+  # contrastive + masked objective) | 'classify' (fine-tuning backbone + the
+  # authors' classification head on `data.train_list`, see `classify` below).
+  c.task = "pretrain"
+  # An export (`python -m m5p.export --output_dir=E`) whose params start the run
+  # ('' = random init): the backbone for 'classify', the whole model for
+  # 'pretrain'. Restored onto this run's mesh; a checkpoint in the workdir wins.
+  c.init_from = ""
 
   # Device mesh: sizes of the `data`, `fsdp` and `model` axes; -1 = the rest.
   # num_devices: how many of the visible devices to use (-1: all).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, num_devices=-1))
+  # Overrides of the logical-axis rules (m5p.sharding.RULES): (logical axis,
+  # mesh axes) pairs, each replacing that axis's rule, e.g.
+  # --config.sharding_rules="(('mlp', None), ('embed', 'model'))".
+  c.sharding_rules = ()
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""  # Converted dataset (holds manifest.json). Empty: synthetic default in the workdir.
   c.data.raw_dir = ""  # Raw M5Product layout to convert when `dir` has no dataset yet.
   c.data.train_split = "train"
   c.data.eval_split = "test"
+  # Train-time record filters: only records whose `lists` (the dataset's
+  # splits/<name>_ids.txt holding the item) include `train_list` ('' = all),
+  # and with `train_complete_only`, only records with all five modalities.
+  c.data.train_list = ""
+  c.data.train_complete_only = False
   c.data.synthetic_products = 1200  # Size of the generated set when no data is configured.
   c.data.synthetic_seed = 0
   c.data.num_shards = 4  # ArrayRecord shards per split written by the converter.
@@ -47,6 +64,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.table_len = 48
   c.data.max_fields = 16  # Key/value pairs given a field-index embedding.
   c.data.vocab_size = 2000  # SentencePiece vocabulary trained by the converter.
+  # Precomputed features read by `stem='features'` towers (model.stem): (tokens,
+  # dim) each item's [N, D] feature is cut or zero-padded to. Defaults: the
+  # synthetic generator's; the released M5Product's are in configs/scale_authors.py.
+  c.data.features = ml_collections.ConfigDict(dict(image=(5, 64), video=(4, 32), audio=(12, 24)))
+  # Modalities read (train and eval); the others are always absent. For
+  # modality-addition ablations (tools/ablate.py): ('text', 'image'), ...
+  c.data.modalities = ("text", "table", "image", "video", "audio")
+  # Train-time modality dropout: each present modality of a training example is
+  # dropped (made absent) with its rate, never the last one present, so the
+  # model learns to embed any subset of the modalities.
+  c.data.modality_dropout = ml_collections.ConfigDict(
+      dict(text=0.0, table=0.0, image=0.0, video=0.0, audio=0.0))
 
   c.model = ml_collections.ConfigDict()
   c.model.width = 64
@@ -65,12 +94,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.video_uses_image_stack = True  # Authors: video reuses the image stack.
   c.model.missing = "mask"  # 'mask' (m5p) or 'zeros' (authors: zeros fed and attended).
   c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
+  # Input stem per non-text modality: 'media' (pixels / frames / log-mel) or
+  # 'features' (the precomputed `<modality>_feature` arrays, data.features shapes).
+  c.model.stem = ml_collections.ConfigDict(dict(image="media", video="media", audio="media"))
   c.model.remat = False  # Recompute each transformer block in the backward pass (less memory).
 
   c.loss = ml_collections.ConfigDict()
   c.loss.harmonization = "per_sample_logits"  # | 'pair_loss_weights' | 'uniform'
   c.loss.infonce = "clip"  # | 'ntxent'
-  c.loss.temperature = 0.07
+  c.loss.temperature = 0.07  # Fixed, or the initial value when learned.
+  # Learned temperature: a log-parameterised scalar, clamped to >= min_temperature (CLIP: 0.01).
+  c.loss.learn_temperature = False
+  c.loss.min_temperature = 0.01
+  # Catalogue-aware positives: listings of the same product (same fine-grained
+  # group) in a batch are positives of each other in every pair loss, not negatives.
+  c.loss.multi_positive = True
   c.loss.implementation = "global"  # | 'ring' (shard_map ring: b_local x b_local logits per device)
   # Ring only: columns per block (0 = b_local). A fixed block makes per-device
   # memory grow linearly with the global batch instead of with b_local^2.
@@ -97,4 +135,21 @@ def get_config() -> ml_collections.ConfigDict:
   # The 31 x 31 any-modality retrieval matrix at the final evaluation (31 more
   # embedding passes of the eval split; `python -m m5p.evaluate` always does it).
   c.eval.any_modality = False
+  # workdir/report.md with its plots (tables, retrieval examples, 2-D map, modality
+  # weights) at the final evaluation; `python -m m5p.evaluate` writes it too.
+  c.eval.report = True
+
+  # task='classify' (configs/finetune_cls.py): the authors' head on the five
+  # pooled vectors (concatenated, absent ones zero) -> Linear(hidden) ->
+  # dropout -> Linear(num_classes), trained with softmax cross-entropy.
+  c.classify = ml_collections.ConfigDict()
+  c.classify.num_classes = 0  # 0: the dataset manifest's num_categories.
+  c.classify.hidden = 1024
+  c.classify.dropout = 0.1
+  c.classify.label_smoothing = 0.0
+  # The backbone's updates are scaled by `backbone_lr_mult` (the head's by 1),
+  # and are 0 for the first `freeze_backbone_steps` steps (head-only warm-up).
+  c.classify.backbone_lr_mult = 1.0
+  c.classify.freeze_backbone_steps = 0
+  c.classify.eval_list = "cls_test"  # Eval-split items scored ('' or absent list: every labelled item).
   return c

@@ -129,7 +129,7 @@ class Encoder:
       part = {k: np.asarray(v)[start:start + self.batch_size] for k, v in batch.items()}
       pad = self.batch_size - len(part["present"])
       part = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in part.items()}
-      with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES):
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(self.config)):
         device = {k: jax.device_put(v, batch_shard) for k, v in part.items()}
         out = self._embed_fn(self.params, device)
       for k, v in jax.device_get(out).items():

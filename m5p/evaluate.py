@@ -6,6 +6,10 @@ Restores the params of checkpoint N (default: the latest; the optimizer
 state is not read), embeds the eval split (and the probe's train split) and
 runs the tasks training runs at its end (`m5p.train.evaluate`: the same code,
 so the same numbers on the same mesh), writes W/eval.json and prints a table.
+Then W/report.md (m5p/evaluation/report.py): the tables beside their random
+floors, retrieval examples with images and titles, a 2-D map of the
+embeddings and the learned modality weights, PNGs in W/report/ (--noreport:
+none; it costs one more embedding pass of the eval split).
 """
 from __future__ import annotations
 
@@ -24,13 +28,16 @@ def _define_flags() -> None:
   flags.DEFINE_string("mesh", "", "Mesh data,fsdp,model (default: the run's config.mesh).")
   flags.DEFINE_bool("any_modality", True, "Also the 31 x 31 any-modality retrieval matrix "
                     "(W/any_modality.json, .md, .png).")
+  flags.DEFINE_bool("report", True, "Also write W/report.md with its plots in W/report/.")
 
 
 def evaluate(workdir: str, *, step: int | None = None, data_dir: str = "", mesh: str = "",
-             any_modality: bool = True) -> dict:
-  """Evaluates checkpoint `step` of `workdir`; writes workdir/eval.json; returns the results."""
+             any_modality: bool = True, report: bool = True) -> dict:
+  """Evaluates checkpoint `step` of `workdir`; writes workdir/eval.json (and, with
+  `report`, workdir/report.md); returns the results."""
   import jax
   from m5p import export, sharding, train
+  from m5p.evaluation import embed as embed_lib
   from m5p.models.scale import ScaleModel
   from m5p.state import TrainState
 
@@ -40,9 +47,12 @@ def evaluate(workdir: str, *, step: int | None = None, data_dir: str = "", mesh:
   params, step = export.restore_params(workdir, config, device_mesh, step)
   shardings = jax.tree.map(lambda a: a.sharding, params)
   state = TrainState(step=step, params=params, opt_state=None)
-  return train.evaluate(ScaleModel(config), state, config, device_mesh,
-                        TrainState(step=None, params=shardings, opt_state=None), data_dir, workdir,
-                        any_modality=any_modality)
+  model = ScaleModel(config)
+  embed_fn = embed_lib.make_embed_fn(model, device_mesh, shardings)
+  results = train.evaluate(model, state, config, device_mesh,
+                           TrainState(step=None, params=shardings, opt_state=None), data_dir,
+                           workdir, embed_fn=embed_fn, any_modality=any_modality, report=report)
+  return results
 
 
 _COUNTS = ("gallery_size", "k", "seeds", "converged", "unseen_test")
@@ -81,12 +91,14 @@ def main(argv: list[str]) -> None:
   distributed.initialize()
   import jax
   results = evaluate(FLAGS.workdir, step=FLAGS.step, data_dir=FLAGS.data_dir, mesh=FLAGS.mesh,
-                     any_modality=FLAGS.any_modality)
+                     any_modality=FLAGS.any_modality, report=FLAGS.report)
   if jax.process_index() == 0:
     path = os.path.join(os.path.abspath(FLAGS.workdir), "eval.json")
     with open(path, encoding="utf-8") as f:
       step = int(json.load(f)["meta"]["step"])
     print(f"step {step}: {path} (random-embedding floor in brackets)\n{table(results)}", flush=True)
+    if FLAGS.report:
+      print(f"report: {os.path.join(os.path.abspath(FLAGS.workdir), 'report.md')}", flush=True)
 
 
 if __name__ == "__main__":

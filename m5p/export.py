@@ -71,7 +71,7 @@ EXPORT_FILE = "export.json"
 # The training-only fields (MLM/MEM targets, loss masks, MRM/MFM/MAM zeroing)
 # are all-zero / equal to the ids at eval time, so the function fills them in.
 SERVING_INPUTS = ("present", "text_ids", "text_mask", "table_ids", "table_mask", "table_segment",
-                  "table_field", "image", "video", "video_mask", "audio", "audio_mask")
+                  "table_field", "image", "image_mask", "video", "video_mask", "audio", "audio_mask")
 SERVING_OUTPUTS = ("fused", "pooled", "z", "present")
 # One file for all three: lowering for the others needs no such device and
 # adds about 1% (the params are shared constants).
@@ -161,9 +161,10 @@ def abstract_params(config, mesh) -> Any:
   def init(rng):
     return model.init({"params": rng, "dropout": rng}, init_batch(config, 1), train=False)["params"]
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+  table = sharding.rules(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(table):
     boxed = jax.eval_shape(init, jax.random.key(0))
-    shardings = nn.meta.unbox(sharding.logical_sharding(boxed, mesh))
+    shardings = nn.meta.unbox(sharding.logical_sharding(boxed, mesh, table))
   shapes = nn.meta.unbox(boxed)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
@@ -276,7 +277,7 @@ def serving_function(config, params: Any):
   from m5p.models.scale import ScaleModel
   model = ScaleModel(config)
   ni, na = batch_spec.num_image_patches(config), batch_spec.num_audio_patches(config)
-  t = config.data.max_frames
+  t = batch_spec.num_video_frames(config)
 
   def serve(batch: dict) -> dict:
     b = batch["present"].shape[0]
@@ -352,7 +353,9 @@ def export_serving(config, params: Any, out_dir: str, *, batch_size: int = 8,
                  for k, (s, d) in serving_input_specs(config, batch_dim).items()},
       "input_notes": {
           "present": "[B, 5] modality order text, table, image, video, audio",
-          "image": "uint8 RGB, unnormalised; video likewise, frames at 1 fps",
+          "image": "uint8 RGB, unnormalised; video likewise, frames at 1 fps ('features' stems: "
+                   "float32 [B, tokens, dim] precomputed features)",
+          "image_mask": "[B, Ni] real image tokens: every patch True when the image is present",
           "audio": "per-clip standardised log-mel, as m5p's Preprocessor makes it",
           "padding": "pad a batch with rows whose `present` is all False (their outputs are 0)",
           "how": "m5p.Encoder(...).preprocess(products) makes these fields from raw products",

@@ -2,7 +2,9 @@
 
 Prepares the dataset (synthetic when none is configured), trains SCALE with
 checkpoints in DIR (resuming if DIR has one), evaluates, and prints where the
-results are.
+results are. With `--config=configs/finetune_cls.py --config.init_from=E` it
+fine-tunes the export E as a classifier instead (config.task='classify'), on
+E's dataset unless data.dir / data.raw_dir say otherwise.
 """
 from __future__ import annotations
 
@@ -34,9 +36,35 @@ def _setup_logging(workdir: str, process_index: int = 0) -> None:
     logger.addHandler(handler)
 
 
+def export_data_dir(config) -> str:
+  """The dataset an export (config.init_from) was made from, when the config
+  names none: fine-tuning then reads the same items the export embedded."""
+  if not config.get("init_from") or config.data.dir or config.data.raw_dir:
+    return ""
+  path = os.path.join(config.init_from, "manifest.json")
+  source = ""
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      source = json.load(f).get("source_data_dir", "")
+  if not (source and os.path.exists(os.path.join(source, "manifest.json"))):
+    raise FileNotFoundError(
+        f"config.init_from={config.init_from!r}: the export's dataset ({source or 'not recorded'}) "
+        "is not there; pass --config.data.dir=DATA (a converted dataset).")
+  return source
+
+
 def summary(workdir: str, results: dict, seconds: float) -> str:
   lines = [f"m5p finished in {seconds / 60:.1f} min. Results in {os.path.abspath(workdir)}:",
-           "  eval.json (metrics), metrics.jsonl + tensorboard/ (training curves), checkpoints/, train.log"]
+           "  eval.json (metrics), report.md (tables and plots), metrics.jsonl + tensorboard/ (training curves), checkpoints/, train.log"]
+  r = results.get("classification")
+  if r:
+    rand, major = results.get("classification_random", {}), results.get("classification_majority", {})
+    nan = float("nan")
+    lines.append(f"  {'classification':30s} top-1 {r['top1']:6.2f}  top-5 {r['top5']:6.2f}  "
+                 f"macro-F1 {r['macro_f1']:6.2f}   (random: {rand.get('top1', nan):.2f} / "
+                 f"{rand.get('top5', nan):.2f} / {rand.get('macro_f1', nan):.2f}; majority class: "
+                 f"{major.get('top1', nan):.2f} / {major.get('top5', nan):.2f} / "
+                 f"{major.get('macro_f1', nan):.2f})")
   base = results.get("coarse_retrieval_random", {})
   for task in ("coarse_retrieval", "coarse_retrieval_contrastive"):
     r = results.get(task)
@@ -69,7 +97,7 @@ def main(argv: list[str]) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
-  data_dir = prepare.ensure_dataset(config, workdir)
+  data_dir = export_data_dir(config) or prepare.ensure_dataset(config, workdir)
   results = train.train_and_evaluate(config, workdir, data_dir)
   if jax.process_index() == 0:
     print(summary(workdir, results, time.perf_counter() - t0), flush=True)

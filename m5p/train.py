@@ -1,15 +1,22 @@
 """The training loop: one readable function, top to bottom.
 
 mesh -> input pipeline -> model, optimizer, sharded state -> jitted step ->
-restore the latest checkpoint if any -> loop (log, checkpoint, evaluate) ->
-final evaluation.
+restore the latest checkpoint if any (else start from config.init_from's
+export, if any) -> loop (log, checkpoint, evaluate) -> final evaluation.
+
+config.task picks what is trained, with the same loop, checkpoints and logs:
+  'pretrain'  ScaleModel, the SCALE objective (m5p.losses.total), evaluated
+              by retrieval / clustering / probe (m5p.evaluation.evaluator)
+  'classify'  Classifier (backbone + the authors' head), cross-entropy on the
+              `data.train_list` items (m5p.losses.classification), evaluated by
+              top-1 / top-5 / macro-F1 (m5p.evaluation.classification)
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +28,51 @@ from flax import linen as nn
 from m5p import accumulation, checkpointing, distributed, flops, optim, sharding
 from m5p.data import convert, pipeline
 from m5p.evaluation import any_modality as any_modality_lib
+from m5p.evaluation import classification as classification_lib
 from m5p.evaluation import embed as embed_lib
 from m5p.evaluation import evaluator
+from m5p.losses.classification import classification_loss
 from m5p.losses.total import compute_loss
 from m5p.metrics_writer import MetricsWriter
+from m5p.models import classifier
 from m5p.models.scale import ScaleModel
-from m5p.state import TrainState, abstract_state, create_sharded_state, num_params
+from m5p.state import (TrainState, abstract_state, create_sharded_state, load_export_params,
+                       num_params)
 
 log = logging.getLogger("m5p")
+
+TASKS = ("pretrain", "classify")
+LossFn = Callable[[dict, dict, ml_collections.ConfigDict], tuple[jax.Array, dict]]
+
+
+def task(config: ml_collections.ConfigDict) -> str:
+  name = config.get("task", "pretrain")
+  if name not in TASKS:
+    raise ValueError(f"config.task={name!r}: expected one of {TASKS}")
+  return name
+
+
+def num_classes(config: ml_collections.ConfigDict, data_dir: str | None = None) -> int:
+  """config.classify.num_classes, else the dataset manifest's num_categories."""
+  n = int(config.classify.num_classes) if "classify" in config else 0
+  if n <= 0 and data_dir:
+    n = int(convert.load_manifest(data_dir).get("num_categories") or 0)
+  if n < 2:
+    raise ValueError(f"task='classify' needs >= 2 classes: set config.classify.num_classes "
+                     f"(the dataset {data_dir!r} gives {n}).")
+  return n
+
+
+def make_model(config: ml_collections.ConfigDict, data_dir: str | None = None) -> nn.Module:
+  """The task's model: ScaleModel, or the Classifier around it."""
+  if task(config) == "classify":
+    return classifier.Classifier(config, num_classes(config, data_dir))
+  return ScaleModel(config)
+
+
+def loss_function(config: ml_collections.ConfigDict) -> LossFn:
+  """(outputs, batch, config) -> (loss, metrics) of the task."""
+  return classification_loss if task(config) == "classify" else compute_loss
 
 
 def make_value_and_grad(model: nn.Module, config: ml_collections.ConfigDict
@@ -40,12 +84,16 @@ def make_value_and_grad(model: nn.Module, config: ml_collections.ConfigDict
   if accum_steps < 1:
     raise ValueError(f"config.accum_steps={accum_steps}: expected >= 1")
   if accum_steps > 1:
+    if task(config) != "pretrain":
+      raise ValueError(f"config.accum_steps={accum_steps}: accumulation is for the pretraining "
+                       "objective (m5p.accumulation); use accum_steps=1 with task='classify'.")
     return accumulation.make_value_and_grad(model, config, accum_steps)
+  task_loss = loss_function(config)
 
   def value_and_grad(params: Any, batch: dict, dropout_rng: jax.Array):
     def loss_fn(params):
       out = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_rng})
-      return compute_loss(out, batch, config)
+      return task_loss(out, batch, config)
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -56,11 +104,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                     config: ml_collections.ConfigDict):
   base_rng = jax.random.key(config.seed + 7)
   value_and_grad = make_value_and_grad(model, config)
+  classify = task(config) == "classify"
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     dropout_rng = jax.random.fold_in(base_rng, state.step)  # Depends on the step only: resumable.
     (loss, metrics), grads = value_and_grad(state.params, batch, dropout_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if classify:  # Backbone learning-rate multiplier and head-only warm-up.
+      updates = classifier.scale_backbone_updates(updates, state.step, config)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, lr=schedule(state.step), grad_norm=optax.global_norm(grads))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -72,11 +123,39 @@ def _to_device(batch: dict, batch_shard) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_shard, v) for k, v in batch.items()}
 
 
+def make_eval_fn(model: nn.Module, config: ml_collections.ConfigDict, mesh, param_shardings):
+  """The jitted (params, batch) -> outputs that `evaluate` runs on each eval batch."""
+  if task(config) == "classify":
+    return classification_lib.make_logits_fn(model, mesh, param_shardings)
+  return embed_lib.make_embed_fn(model, mesh, param_shardings)
+
+
+def evaluate_classifier(model, state, config, mesh, state_shardings, data_dir: str,
+                        workdir: str, logits_fn=None) -> dict:
+  """Scores the eval split's `classify.eval_list` items with the classifier and
+  writes the classification section (and its floors) to workdir/eval.json."""
+  logits_fn = logits_fn or make_eval_fn(model, config, mesh, state_shardings.params)
+  emb = embed_lib.embed_split(logits_fn, state.params, config, mesh, data_dir, config.data.eval_split)
+  train_labels = pipeline.record_selection(
+      config, data_dir, config.data.train_split, str(config.data.train_list),
+      bool(config.data.train_complete_only))[1]
+  results = classification_lib.evaluate(emb, data_dir, train_labels, seed=config.seed,
+                                        list_name=str(config.classify.eval_list))
+  if jax.process_index() == 0:
+    evaluator.write_eval(workdir, results, int(jax.device_get(state.step)))
+  return results
+
+
 def evaluate(model, state, config, mesh, state_shardings, data_dir: str, workdir: str,
-             embed_fn=None, any_modality: bool | None = None) -> dict:
+             embed_fn=None, any_modality: bool | None = None, report: bool = False) -> dict:
   """Embeds the eval split and writes workdir/eval.json; with `any_modality`
   (default config.eval.any_modality) also the 31 x 31 any-modality retrieval
-  matrix (workdir/any_modality.{json,md,png}: 31 more embedding passes)."""
+  matrix (workdir/any_modality.{json,md,png}: 31 more embedding passes); with
+  `report`, workdir/report.md and its plots from the same embeddings.
+  For task='classify': `evaluate_classifier`."""
+  if task(config) == "classify":
+    return evaluate_classifier(model, state, config, mesh, state_shardings, data_dir, workdir,
+                               embed_fn)
   embed_fn = embed_fn or embed_lib.make_embed_fn(model, mesh, state_shardings.params)
   emb = embed_lib.embed_split(embed_fn, state.params, config, mesh, data_dir, config.data.eval_split)
   train_emb = None
@@ -99,12 +178,16 @@ def evaluate(model, state, config, mesh, state_shardings, data_dir: str, workdir
   step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     evaluator.write_eval(workdir, results, step)
+    if report:
+      from m5p.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
+      report_lib.write_report(workdir, data_dir, dict(results, meta={"step": float(step)}), emb=emb,
+                              split=config.data.eval_split, seed=int(config.seed))
   return results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
                        stop_after: int | None = None) -> dict:
-  """Trains SCALE on `data_dir` per `config`, checkpointing to and resuming from `workdir`.
+  """Trains `config.task` on `data_dir`, checkpointing to and resuming from `workdir`.
 
   `stop_after`: leave after that step (checkpointed), as a preempted job would,
   without the final evaluation; a later call on the same workdir resumes.
@@ -122,13 +205,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   train_iter = iter(pipeline.train_dataset(config, data_dir))
 
   # ---- Model, optimizer, sharded state --------------------------------------
-  model = ScaleModel(config)
+  model = make_model(config, data_dir)
   tx, schedule = optim.make_optimizer(config)
   state, state_shardings = create_sharded_state(model, tx, config, mesh)
   log.info("Model: %.2fM parameters.", num_params(state.params) / 1e6)
 
   # ---- Jitted step -----------------------------------------------------------
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
     step_fn = jax.jit(make_train_step(model, tx, schedule, config),
                       in_shardings=(state_shardings, batch_shard),
                       out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -142,6 +225,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     target = abstract_state(state_shardings, model, tx, config)
     state, meta = ckpt.restore(start, target, train_iter)
     log.info("Resumed from step %d (%s).", start, ckpt.directory)
+  elif config.get("init_from"):
+    state = init_from_export(state, state_shardings, config)
+  elif task(config) == "classify":
+    log.warning("task='classify' without config.init_from: the backbone starts from random init.")
   start = int(jax.device_get(state.step))
 
   # ---- Throughput accounting --------------------------------------------------
@@ -151,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
 
   # ---- Loop --------------------------------------------------------------------
   writer = MetricsWriter(workdir)
-  embed_fn = embed_lib.make_embed_fn(model, mesh, state_shardings.params)
+  embed_fn = make_eval_fn(model, config, mesh, state_shardings.params)
   total = int(config.total_steps)
   window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
   results = {}
@@ -159,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     t0 = time.perf_counter()
     batch = next(train_iter)
     window_wait += time.perf_counter() - t0
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
       device_batch = _to_device(batch, batch_shard)
       if compiled_step is None:
         t_compile = time.perf_counter()
@@ -184,16 +271,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
                      model_tflops_per_device=step_flops / step_time / 1e12,
                      peak_tflops_per_device=peak / 1e12, mfu=step_flops / step_time / peak)
       writer.write(step, metrics)
-      log.info("step %d/%d  loss %.4f  contrastive %.4f  %.0f ex/s  MFU %.1f%%  (data wait %.0f%%)",
-               step, total, metrics["loss"], metrics.get("contrastive", float("nan")),
+      term = "accuracy" if "accuracy" in metrics else "contrastive"
+      log.info("step %d/%d  loss %.4f  %s %.4f  %.0f ex/s  MFU %.1f%%  (data wait %.0f%%)",
+               step, total, metrics["loss"], term, metrics.get(term, float("nan")),
                metrics["examples_per_sec"], 100 * metrics["mfu"], 100 * metrics["data_wait_frac"])
       window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
 
-    if step % config.ckpt_every == 0 or step == total:
+    saved = step % config.ckpt_every == 0 or step == total
+    if saved:
       ckpt.save(step, state, train_iter, {"step": step, "config": config.to_json()}, force=step == total)
 
     if stop_after is not None and step >= stop_after:
-      ckpt.save(step, state, train_iter, {"step": step, "config": config.to_json()}, force=True)
+      if not saved:
+        ckpt.save(step, state, train_iter, {"step": step, "config": config.to_json()}, force=True)
       ckpt.close()
       writer.close()
       return {}
@@ -205,14 +295,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
 
   ckpt.wait()
   # ---- Final evaluation ----------------------------------------------------------
-  results = evaluate(model, state, config, mesh, state_shardings, data_dir, workdir, embed_fn)
+  results = evaluate(model, state, config, mesh, state_shardings, data_dir, workdir, embed_fn,
+                     report=bool(config.eval.get("report", False)))
   log.info("eval @%d: %s", total, _headline(results))
   writer.close()
   ckpt.close()
   return results
 
 
+def init_from_export(state: TrainState, state_shardings: TrainState,
+                     config: ml_collections.ConfigDict) -> TrainState:
+  """`state` with the export config.init_from's params in place of the fresh
+  ones (the classifier's backbone, or the whole pretraining model), restored
+  onto this run's shardings. The optimizer state (AdamW: zero moments) and the
+  head stay as initialised."""
+  export_dir = str(config.init_from)
+  if task(config) == "classify":
+    loaded = load_export_params(export_dir, classifier.backbone_params(state.params),
+                                classifier.backbone_params(state_shardings.params), config)
+    params = {**state.params, classifier.BACKBONE: loaded}
+  else:
+    loaded = params = load_export_params(export_dir, state.params, state_shardings.params, config)
+  log.info("Initialised %s from the export %s (%.2fM params).",
+           "the backbone" if task(config) == "classify" else "the model", export_dir,
+           num_params(loaded) / 1e6)
+  return state.replace(params=params)
+
+
 def _headline(results: dict) -> str:
+  if "classification" in results:
+    r, b = results["classification"], results.get("classification_majority", {})
+    return (f"classification top-1 {r['top1']:.2f} (majority {b.get('top1', float('nan')):.2f}), "
+            f"top-5 {r['top5']:.2f}, macro-F1 {r['macro_f1']:.2f}")
   r, b = results.get("coarse_retrieval", {}), results.get("coarse_retrieval_random", {})
   return (f"coarse mAP@1 {r.get('mAP@1', float('nan')):.2f} (random {b.get('mAP@1', float('nan')):.2f}), "
           f"mAP@5 {r.get('mAP@5', float('nan')):.2f}")

@@ -1,8 +1,10 @@
-"""Smoke tests of tools/benchmark_input.py and tools/benchmark_convert.py at a tiny size.
+"""Smoke tests of tools/benchmark_input.py, tools/benchmark_convert.py and
+tools/benchmark.py at a tiny size.
 
 Each runs as a user would (`python tools/...`, a subprocess with one CPU
 device) and must print its tables with positive, finite numbers.
 """
+import json
 import math
 import os
 import re
@@ -11,11 +13,15 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NUM = r"([0-9][0-9,]*\.?[0-9]*)"
+# Half the compile time on CPU; the smoke tests check the output, not the speed.
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def _run(tool: str, *args: str, timeout: int = 180) -> str:
+def _run(tool: str, *args: str, timeout: int = 180, xla_flags: str | None = None) -> str:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # conftest asks for 8 emulated devices; a plain run has one.
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
       "M5P_TEST_CACHE", os.path.expanduser("~/.cache/m5p_test_jax"))
@@ -61,3 +67,28 @@ def test_benchmark_input_prints_rates_ratios_and_breakdown(tiny_dataset):
   _numbers(rf"^  decode image JPEG +{_NUM} ", out)
   _numbers(rf"^  tokenize \(title, table\) +{_NUM} ", out)
   _numbers(rf"^  total \(CPU\) +{_NUM} +100.0%  = {_NUM} examples/s per core", out)
+
+
+def test_benchmark_prints_step_table_and_json(tmp_path):
+  """tools/benchmark.py on the tiny config at two batch sizes, each in its
+  own process (the default), compiled at XLA's lowest optimisation level."""
+  out_json = tmp_path / "bench.json"
+  out = _run("benchmark.py", "--config=configs/demo.py:tiny", "--config.model.video_layers=0",
+             "--config.model.audio_layers=0", "--steps=2", "--warmup=0", "--batch_sizes=4,8",
+             f"--json={out_json}", xla_flags=FAST_XLA)
+  assert re.search(r"^machine: .*\d+ CPUs.*load average", out, re.M) and "devices: 1 x" in out
+  _numbers(rf"^peak: measured float32 matmul {_NUM} GFLOP/s", out)
+  # Row: batch, compile s, step s, samples/s, per device, GFLOP/dev, TFLOP/s/dev, peak, MFU %,
+  # MFU(cpu) %, peak RSS GiB, growth GiB, XLA temp + argument GiB.
+  row = rf"^ +{{b}} +{_NUM} +{_NUM} +{_NUM} +{_NUM} +{_NUM} +{_NUM} +{_NUM} +{_NUM}% +{_NUM}% +{_NUM} +{_NUM} +{_NUM}$"
+  _numbers(row.format(b=4), out)
+  _numbers(row.format(b=8), out)
+  with open(out_json) as f:
+    results = json.load(f)["results"]
+  assert [r["batch_size"] for r in results] == [4, 8]
+  for r in results:
+    assert r["step_s"] > 0 and 0 < r["mfu"] < 1.5 and 0 < r["mfu_cpu_time"] < 1.5
+    assert math.isfinite(r["loss"])
+    assert r["gflop_per_step_per_device"] > 0 and r["peak_rss_bytes"] > r["rss_growth_bytes"] > 0
+  # FLOPs grow with the batch (the per-row work dominates).
+  assert results[1]["gflop_per_step_per_device"] > 1.5 * results[0]["gflop_per_step_per_device"]

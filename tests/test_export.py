@@ -226,3 +226,155 @@ def test_evaluate_cli_reproduces_the_training_eval(run):
   assert full == pytest.approx(got["coarse_retrieval"]["mAP@1"], abs=1e-4)
   for name in ("any_modality.json", "any_modality.md", "any_modality.png"):
     assert os.path.exists(os.path.join(run.workdir, name)), name
+  # report.md after eval.json: every section, its PNGs, and the same numbers.
+  with open(os.path.join(run.workdir, "report.md"), encoding="utf-8") as f:
+    text = f.read()
+  for heading in ("### coarse_retrieval", "### fine_retrieval", "### linear_probe", "### clustering",
+                  "## Any-modality retrieval", "## Retrieval examples", "## Embedding map",
+                  "## Learned modality weights"):
+    assert heading in text, heading
+  floor = got["coarse_retrieval_random"]["mAP@1"]
+  assert f"| mAP@1 | {got['coarse_retrieval']['mAP@1']:.2f} | {floor:.2f} |" in text
+  assert text.count("**Query ") == 3 and "No images or titles" not in text
+  for name in ("retrieval_examples.png", "embedding_map.png", "modality_weights.png"):
+    assert f"(report/{name})" in text
+    with open(os.path.join(run.workdir, "report", name), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+# ---------------------------------------------------------------------------
+# Acceptance 2: eval.json's coarse mAP@1 and NMI, recomputed from the exported
+# embeddings by an independent implementation (plain loops, SCALE.md section 6).
+
+
+def _rows_in_list_order(emb: dict, ids) -> list[int]:
+  row_of = {str(i): r for r, i in enumerate(emb["item_id"])}
+  return [row_of[i] for i in dict.fromkeys(ids or []) if i in row_of and emb["label"][row_of[i]] >= 0]
+
+
+def _authors_map_and_prec(fused, labels, queries, gallery, k: int) -> tuple[float, float]:
+  """mAP@k and Prec@k x100: rank the gallery by dot product, the query removed from
+  its own list; P = the gallery items of the query's label (with the query itself
+  when it is in the gallery); K' = min(k, |P|, list length); each hit at rank r
+  within K' adds hits-so-far / r; AP = that sum / hits (0 without one); Prec = hits / K'."""
+  aps, precs = [], []
+  for q in queries:
+    ranked = [g for g in gallery if g != q]
+    score = {g: sum(float(a) * float(b) for a, b in zip(fused[q], fused[g])) for g in ranked}
+    ranked.sort(key=lambda g: -score[g])
+    num_relevant = sum(1 for g in gallery if labels[g] == labels[q])
+    k_eff = min(k, num_relevant, len(ranked))
+    hits, total = 0, 0.0
+    for r, g in enumerate(ranked[:k_eff], 1):
+      if labels[g] == labels[q]:
+        hits += 1
+        total += hits / r
+    aps.append(total / hits if hits else 0.0)
+    precs.append(hits / k_eff if k_eff else 0.0)
+  return 100.0 * sum(aps) / len(aps), 100.0 * sum(precs) / len(precs)
+
+
+def _nmi(truth, pred) -> float:
+  """Mutual information over the mean of the two entropies (arithmetic normalisation)."""
+  import math
+  from collections import Counter
+  n = len(truth)
+  joint, t_count, p_count = Counter(zip(truth, pred)), Counter(truth), Counter(pred)
+  h_t = -sum(c / n * math.log(c / n) for c in t_count.values())
+  h_p = -sum(c / n * math.log(c / n) for c in p_count.values())
+  if h_t == 0.0 and h_p == 0.0:
+    return 1.0  # One class and one cluster: a perfect match.
+  mi = sum(c / n * math.log(c * n / (t_count[t] * p_count[p])) for (t, p), c in joint.items())
+  return mi / ((h_t + h_p) / 2)
+
+
+def test_independent_recomputation_matches_eval_json(run):
+  from sklearn.cluster import KMeans
+  emb = export.load_embeddings(os.path.join(run.export_dir, "embeddings", "test.npz"))
+  fused, labels = emb["fused"].astype(np.float64), emb["label"].tolist()
+  lists = convert.load_manifest(run.data).get("splits_files", {})
+  labelled = [r for r, l in enumerate(labels) if l >= 0]
+  queries = _rows_in_list_order(emb, lists.get("coarse_query"))
+  gallery = _rows_in_list_order(emb, lists.get("coarse_gallery"))
+  if not (queries and gallery):
+    queries = gallery = labelled
+  assert len(queries) >= 5
+  coarse = run.train_eval["coarse_retrieval"]
+  assert coarse["num_queries"] == len(queries) and coarse["gallery_size"] == len(gallery)
+  for k in run.config.eval.ks:  # mAP@1 is acceptance 2; the other K check K' as well.
+    map_k, prec_k = _authors_map_and_prec(fused, labels, queries, gallery, k)
+    assert abs(map_k - coarse[f"mAP@{k}"]) < 1e-4, k
+    assert abs(prec_k - coarse[f"Prec@{k}"]) < 1e-4, k
+
+  # Clustering: k-means as m5p.evaluation.clustering runs it (k = categories, one init
+  # per seed, seeds config.seed + 0..4, L2-normalised float64 features, cls_test items in
+  # list order), NMI from the entropies above.
+  rows = _rows_in_list_order(emb, lists.get("cls_test")) or labelled
+  truth = [labels[r] for r in rows]
+  k = len(set(truth))
+  x = fused[rows] / np.maximum(np.linalg.norm(fused[rows], axis=1, keepdims=True), 1e-12)
+  nmis = [_nmi(truth, KMeans(n_clusters=k, n_init=1, random_state=run.config.seed + s)
+               .fit_predict(x).tolist()) for s in range(5)]
+  clustering = run.train_eval["clustering"]
+  assert clustering["k"] == k and clustering["num_items"] == len(rows)
+  assert abs(100.0 * sum(nmis) / len(nmis) - clustering["nmi"]) < 1e-4
+
+
+# ---------------------------------------------------------------------------
+# tools/search.py: the exported gallery's nearest products.
+
+
+def _search_tool():
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("search", os.path.join(root, "tools", "search.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _printed_results(out: str) -> list[tuple[str, float, int, str]]:
+  import re
+  rows = re.findall(r"^\s+\d+  (\S+)\s+(-?\d+\.\d+)\s+(-?\d+)  (.*)$", out, re.M)
+  return [(i, float(s), int(c), t) for i, s, c, t in rows]
+
+
+def test_search_tool_prints_the_nearest_products(run, encoder, capsys, monkeypatch):
+  import m5p
+  search = _search_tool()
+  # The module's Encoder (Encoder.from_export is tested above): no second compile.
+  monkeypatch.setattr(m5p.Encoder, "from_export", classmethod(lambda cls, *a, **k: encoder))
+  emb = export.load_embeddings(os.path.join(run.export_dir, "embeddings", "test.npz"))
+  source = convert.open_split(run.data, "test")
+  title_of = {source[i]["item_id"].decode(): source[i]["title"].decode().strip()
+              for i in range(len(source))}
+
+  # An item id: its stored embedding; the item itself is not a result.
+  item = str(emb["item_id"][3])
+  assert search.main([f"--export={run.export_dir}", f"--query={item}", "--k=4"]) == 0
+  out = capsys.readouterr().out
+  scores = emb["fused"] @ emb["fused"][3]
+  expected = [i for i in np.argsort(-scores, kind="stable") if i != 3][:4]
+  got = _printed_results(out)
+  assert [g[0] for g in got] == [str(emb["item_id"][i]) for i in expected]
+  for (_, score, category, title), i in zip(got, expected):
+    assert score == pytest.approx(scores[i], abs=1e-3) and category == emb["label"][i]
+    assert title == title_of[str(emb["item_id"][i])]
+  assert f"query: item {item} (category {emb['label'][3]})" in out
+
+  # Free text: embedded with the Encoder as a title-only product.
+  text = next(t for t in title_of.values() if t)
+  assert search.main([f"--export={run.export_dir}", f"--query={text}", "--k=3"]) == 0
+  out = capsys.readouterr().out
+  q = encoder.embed([{"title": text}])["fused"][0]
+  expected = np.argsort(-(emb["fused"] @ q), kind="stable")[:3]
+  assert [g[0] for g in _printed_results(out)] == [str(emb["item_id"][i]) for i in expected]
+  assert "query: text" in out
+
+  # Errors: an unknown id, a missing file, a missing export.
+  assert search.main([f"--export={run.export_dir}", "--query=000000001"]) == 2
+  assert "unknown item id" in capsys.readouterr().err
+  assert search.main([f"--export={run.export_dir}", "--query=/nowhere/item.jpg"]) == 2
+  assert "no such file" in capsys.readouterr().err
+  assert search.main([f"--export={run.root / 'nothing'}", "--query=x"]) == 2
+  assert "no such export" in capsys.readouterr().err

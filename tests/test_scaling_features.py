@@ -1,4 +1,4 @@
-"""Scaling features: remat, bfloat16 compute, gradient accumulation.
+"""Scaling features: remat, bfloat16 compute, gradient accumulation, rule overrides.
 
 Each compares `train.make_value_and_grad` (what the train step differentiates)
 with one feature on against the plain fp32 one-pass version, on one batch and
@@ -12,13 +12,17 @@ m5p.accumulation for dropout).
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax.core import meta
 
 from conftest import tiny_config
-from m5p import optim, train
+from m5p import optim, sharding, train
+from m5p import state as state_lib
 from m5p.data import batch_spec
+from m5p.losses.total import compute_loss
 from m5p.models.scale import ScaleModel, init_batch
 from m5p.state import TrainState
 
@@ -130,3 +134,139 @@ def test_accumulation_rejects_an_indivisible_batch():
   with pytest.raises(ValueError, match="not divisible by accum_steps"):
     jax.eval_shape(train.make_value_and_grad(ScaleModel(c), c), meta.unbox(params_shape), batch,
                    jax.random.key(1))
+
+
+# --- config.sharding_rules -----------------------------------------------------
+
+# Transposes the MLP's layout (embed -> model, mlp -> fsdp) and un-shards the
+# heads; 'vocab' loses 'model' to 'embed', which comes first in RULES.
+OVERRIDE = (("embed", "model"), ("mlp", "fsdp"), ("heads", None))
+
+
+def sharded(setup, overrides):
+  """(loss, param shardings, Adam-state shardings) on mesh (1, 2, 2) under
+  `overrides`. The shardings are what `state.create_sharded_state` computes
+  (rules -> eval_shape -> logical_sharding), without compiling the init; the
+  loss is the setup's parameters laid out that way."""
+  params, host_batch = setup
+  c = config(sharding_rules=overrides)
+  c.mesh.update(dict(data=1, fsdp=2, model=2, num_devices=4))
+  mesh = sharding.make_mesh(c.mesh)
+  model = ScaleModel(c)
+  tx, _ = optim.make_optimizer(c)
+  table = sharding.rules(c)
+
+  def init(rng):
+    boxed = model.init({"params": rng, "dropout": rng}, init_batch(c, 1), train=False)["params"]
+    return boxed, tx.init(boxed)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(table):
+    param_shardings, opt_shardings = meta.unbox(
+        sharding.logical_sharding(jax.eval_shape(init, jax.random.key(0)), mesh, table))
+    batch_shard = sharding.batch_sharding(mesh)
+    params = jax.device_put(jax.tree.map(np.asarray, params), param_shardings)  # From host: no resharding programs.
+    batch = jax.device_put(host_batch, batch_shard)
+
+    def loss_fn(params, batch):
+      return compute_loss(model.apply({"params": params}, batch, train=False), batch, c)[0]
+
+    fn = jax.jit(loss_fn, in_shardings=(param_shardings, batch_shard))
+    loss = fn.lower(params, batch).compile(FAST_COMPILE)(params, batch)
+  return float(loss), param_shardings, opt_shardings
+
+
+def _spec(named_sharding) -> tuple:
+  """A PartitionSpec as a tuple without trailing Nones (P('a', None) == P('a'))."""
+  spec = list(named_sharding.spec)
+  while spec and spec[-1] is None:
+    spec.pop()
+  return tuple(spec)
+
+
+def test_sharding_rules_override_changes_layout_not_loss(setup):
+  ref_loss, ref_params, _ = sharded(setup, ())
+  loss, params, opt_state = sharded(setup, OVERRIDE)
+  fc1 = lambda p: p["jct"]["block0"]["mlp"]["fc1"]["kernel"]  # (embed, mlp)
+  query = lambda p: p["jct"]["block0"]["attn"]["query"]["kernel"]  # (embed, heads, kv)
+  assert _spec(fc1(ref_params)) == ("fsdp", "model")
+  assert _spec(fc1(params)) == ("model", "fsdp")
+  assert _spec(query(ref_params)) == ("fsdp", "model")
+  assert _spec(query(params)) == ("model",)
+  assert _spec(params["word_embed"]["embedding"]) == (None, "model")  # (vocab, embed)
+  adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+          if isinstance(s, jax.sharding.NamedSharding) and len(s.spec) == 2 and s.spec[1] == "fsdp"]
+  assert len(adam) >= 2 and all(_spec(s) == ("model", "fsdp") for s in adam)  # mu, nu follow.
+  assert loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ((("mlp", "tensor"),), r"'mlp' -> 'tensor'.*'tensor' is not a mesh axis"),
+    ((("mpl", "model"),), r"unknown logical axis 'mpl'"),
+    ((("heads", ("model", "model")),), r"a tuple of distinct ones"),
+])
+def test_bad_sharding_rules_fail_with_one_clear_error(override, message):
+  """Raised before anything is traced, from the first user of the rules."""
+  c = config(sharding_rules=override)
+  with pytest.raises(ValueError, match=message):
+    state_lib.create_sharded_state(ScaleModel(c), optim.make_optimizer(c)[0], c,
+                                   sharding.make_mesh(c.mesh))
+
+
+def test_sharding_rules_from_a_string():
+  """The override as a Python literal string (how a JSON-loaded config may hold it)."""
+  c = ml_collections.ConfigDict(dict(sharding_rules="(('mlp', None), ('embed', 'model'))"))
+  table = dict(sharding.rules(c))
+  assert table["mlp"] is None and table["embed"] == "model" and table["heads"] == "model"
+  assert list(table) == [k for k, _ in sharding.RULES]  # Merged in place: the order stays.
+  c.sharding_rules = "(('mlp', 'model')"
+  with pytest.raises(ValueError, match="not a Python literal"):
+    sharding.rules(c)
+
+
+# --- Dropout (m5p.models.layers: keep_mask, Dropout, attention dropout) ---------
+
+def test_dropout_hash_rate_and_attention_gradients():
+  """The unrolled hash is jax's Threefry-2x32; masks keep ~1 - rate with the
+  exact scale; the custom-VJP attention with a dropout mask has autodiff's
+  values and gradients for that mask. (One jitted program: eager ops would
+  each compile.)"""
+  from jax.extend.random import threefry_2x32
+  from m5p.models import layers
+  b, h, l, k = 2, 3, 7, 4
+  bias = jnp.where(jnp.arange(l) < 5, 0.0, layers.MASK_VALUE)[None].repeat(b, 0)
+  _, kp = layers.keep_mask(jax.random.key(9), (1,), 0.3)
+
+  @jax.jit
+  def run():
+    key = jax.random.key_data(jax.random.key(5))
+    count = jnp.arange(16, dtype=jnp.uint32)
+    out = {"hash": jnp.concatenate(layers._threefry2x32(key[0], key[1], count[:8], count[8:])),
+           "hash_ref": threefry_2x32(key, count)}
+    out["keep"] = layers.keep_mask(jax.random.key(0), (300, 333), 0.1)[0]
+    out["again"] = layers.keep_mask(jax.random.key(0), (300, 333), 0.1)[0]
+    out["other"] = layers.keep_mask(jax.random.key(1), (300, 333), 0.1)[0]
+    out["dropped"] = layers.Dropout(0.1).apply({}, jnp.ones((7, 5)), False,
+                                               rngs={"dropout": jax.random.key(2)})
+    q, kk, v, g = (jax.random.normal(jax.random.key(i), (b, h, l, k)) for i in range(4))
+    mask = layers.keep_mask(jax.random.key(9), (b, h, l, l), 0.3)[0]
+
+    def reference(q, kk, v):
+      p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, kk) + bias[:, None, None], axis=-1)
+      return jnp.einsum("bhqk,bhkd->bhqd", jnp.where(mask, p / kp, 0.0), v)
+
+    for name, f in (("core", lambda *a: layers._attention_core(*a, bias, mask, kp)),
+                    ("ref", reference)):
+      y, vjp = jax.vjp(f, q, kk, v)
+      out[name] = (y,) + vjp(g)
+    return out
+
+  r = jax.device_get(run())
+  np.testing.assert_array_equal(r["hash"], r["hash_ref"])
+  keep = r["keep"]
+  assert keep.shape == (300, 333) and abs(float(keep.mean()) - 0.9) < 4e-3  # ~7 sigma of 1e5 draws.
+  assert (keep == r["again"]).all() and not (keep == r["other"]).all()
+  y = r["dropped"]
+  np.testing.assert_allclose(y[y != 0], 1 / layers.keep_mask(jax.random.key(0), (1,), 0.1)[1],
+                             rtol=1e-6)
+  for got, want in zip(r["core"], r["ref"]):  # Output, then d/dq, d/dk, d/dv.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -104,7 +104,7 @@ def test_loss_and_gradients_equal_across_meshes():
       mu = [x for x in jax.tree.leaves(state.opt_state) if hasattr(x, "ndim") and x.ndim == 2
             and x.size >= 4096]
       assert mu and all("fsdp" in jax.tree.leaves(tuple(x.sharding.spec)) for x in mu)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(c)):
       grad_fn = jax.jit(jax.value_and_grad(loss_fn), in_shardings=(shardings.params, batch_shard))
       loss, grads = grad_fn(state.params, batch)
     results[name] = (float(loss), jax.tree.map(np.asarray, jax.device_get(grads)))

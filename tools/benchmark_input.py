@@ -166,7 +166,7 @@ def pipeline_rate(config: ml_collections.ConfigDict, data_dir: str, workers: int
 
 def measure_step(config: ml_collections.ConfigDict, batch_size: int, steps: int,
                  data_dir: str | None = None, fed_steps: int = 0) -> dict[str, float]:
-  """Seconds of the jitted train step (as tools/benchmark_step.py, on a random batch).
+  """Seconds of the jitted train step (as tools/benchmark.py, on a random batch).
 
   With `data_dir`, also `fed_steps` steps whose batches come from the training
   pipeline at the config's settings (host -> device copy included), started
@@ -192,7 +192,7 @@ def measure_step(config: ml_collections.ConfigDict, batch_size: int, steps: int,
   batch = {k: jax.device_put(v, batch_shard)
            for k, v in batch_spec.random_batch(config, batch_size).items()}
   out: dict[str, float] = {"params_m": state_lib.num_params(state.params) / 1e6, "init_s": init_s}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
     step = jax.jit(make_train_step(model, tx, schedule, config), in_shardings=(shardings, batch_shard),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
     t0 = time.perf_counter()

@@ -12,14 +12,15 @@ Every batch is a flat dict of fixed-shape numpy/jax arrays (B = batch):
   table_field     [B, Lp]  int32  index of the key/value pair (< max_fields)
   table_targets   [B, Lp]  int32
   table_loss_mask [B, Lp]  bool   tokens of the picked keys / values (MEM)
-  image           [B, H, W, 3]     uint8
+  image           [B, H, W, 3]     uint8   ('features' stem: [B, Ni, Di] float32)
+  image_mask      [B, Ni]  bool   real image tokens (patches: all, when present)
   image_zero      [B, Ni]  bool   patches zeroed at the input (MRM)
   image_loss_mask [B, Ni]  bool   patches picked for MRM
-  video           [B, T, H, W, 3]  uint8  frames at 1 fps
+  video           [B, T, H, W, 3]  uint8  frames at 1 fps ('features': [B, T, Dv] float32)
   video_mask      [B, T]   bool   real frames
   video_zero      [B, T]   bool   frames zeroed at the input (MFM)
   video_loss_mask [B, T]   bool
-  audio           [B, Ta, F] float32 log-mel, standardised
+  audio           [B, Ta, F] float32 log-mel, standardised ('features': [B, Na, Da])
   audio_mask      [B, Na]  bool   audio patches holding real frames
   audio_zero      [B, Na]  bool   (MAM)
   audio_loss_mask [B, Na]  bool
@@ -29,7 +30,10 @@ Every batch is a flat dict of fixed-shape numpy/jax arrays (B = batch):
   index           [B]      int32  record index within its split (-1 for padding rows)
 
 Absent modalities are zero-filled with all masks False. Ni = (H/patch)^2,
-Na = (Ta/audio_patch[0]) * (F/audio_patch[1]).
+Na = (Ta/audio_patch[0]) * (F/audio_patch[1]), T = max_frames; with a
+'features' stem (config.model.stem) the modality's field holds its
+precomputed features cut or padded to config.data.features[m] = (tokens,
+dim), and Ni / T / Na are those token counts.
 """
 from __future__ import annotations
 
@@ -37,9 +41,39 @@ import ml_collections
 import numpy as np
 
 
+STEMS = ("media", "features")
+
+
+def stem(config: ml_collections.ConfigDict, modality: str) -> str:
+  """config.model.stem[modality] ('media' when the config predates stems), checked."""
+  stems = config.model.get("stem", None)
+  value = stems.get(modality, "media") if stems is not None else "media"
+  if value not in STEMS:
+    raise ValueError(f"config.model.stem.{modality}={value!r}: expected one of {STEMS}")
+  return value
+
+
+def feature_shape(config: ml_collections.ConfigDict, modality: str) -> tuple[int, int]:
+  """(tokens, dim) of a 'features' stem's input."""
+  tokens, dim = (int(v) for v in config.data.features[modality])
+  if tokens < 1 or dim < 1:
+    raise ValueError(f"config.data.features.{modality}={(tokens, dim)}: expected positive sizes")
+  return tokens, dim
+
+
 def num_image_patches(config: ml_collections.ConfigDict) -> int:
+  """Image tokens (without the CLS): patches, or feature regions."""
+  if stem(config, "image") == "features":
+    return feature_shape(config, "image")[0]
   side = config.data.image_size // config.model.patch_size
   return side * side
+
+
+def num_video_frames(config: ml_collections.ConfigDict) -> int:
+  """Video tokens (without the CLS): frames, or feature rows."""
+  if stem(config, "video") == "features":
+    return feature_shape(config, "video")[0]
+  return int(config.data.max_frames)
 
 
 def audio_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -48,6 +82,9 @@ def audio_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def num_audio_patches(config: ml_collections.ConfigDict) -> int:
+  """Audio tokens (without the CLS): log-mel patches, or feature rows."""
+  if stem(config, "audio") == "features":
+    return feature_shape(config, "audio")[0]
   t, f = audio_grid(config)
   return t * f
 
@@ -55,20 +92,28 @@ def num_audio_patches(config: ml_collections.ConfigDict) -> int:
 def batch_shapes(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Shape and dtype of every batch field."""
   d, B = config.data, batch_size
-  lt, lp, s, t = d.text_len, d.table_len, d.image_size, d.max_frames
-  ni, na = num_image_patches(config), num_audio_patches(config)
-  i32, b8 = np.dtype(np.int32), np.dtype(bool)
+  lt, lp, s = d.text_len, d.table_len, d.image_size
+  ni, t, na = num_image_patches(config), num_video_frames(config), num_audio_patches(config)
+  i32, b8, f32 = np.dtype(np.int32), np.dtype(bool), np.dtype(np.float32)
+  media = {
+      "image": ((B, ni, feature_shape(config, "image")[1]), f32)
+      if stem(config, "image") == "features" else ((B, s, s, 3), np.dtype(np.uint8)),
+      "video": ((B, t, feature_shape(config, "video")[1]), f32)
+      if stem(config, "video") == "features" else ((B, t, s, s, 3), np.dtype(np.uint8)),
+      "audio": ((B, na, feature_shape(config, "audio")[1]), f32)
+      if stem(config, "audio") == "features" else ((B, d.audio_frames, d.n_mels), f32),
+  }
   return {
       "text_ids": ((B, lt), i32), "text_mask": ((B, lt), b8),
       "text_targets": ((B, lt), i32), "text_loss_mask": ((B, lt), b8),
       "table_ids": ((B, lp), i32), "table_mask": ((B, lp), b8),
       "table_segment": ((B, lp), i32), "table_field": ((B, lp), i32),
       "table_targets": ((B, lp), i32), "table_loss_mask": ((B, lp), b8),
-      "image": ((B, s, s, 3), np.dtype(np.uint8)),
+      "image": media["image"], "image_mask": ((B, ni), b8),
       "image_zero": ((B, ni), b8), "image_loss_mask": ((B, ni), b8),
-      "video": ((B, t, s, s, 3), np.dtype(np.uint8)), "video_mask": ((B, t), b8),
+      "video": media["video"], "video_mask": ((B, t), b8),
       "video_zero": ((B, t), b8), "video_loss_mask": ((B, t), b8),
-      "audio": ((B, d.audio_frames, d.n_mels), np.dtype(np.float32)),
+      "audio": media["audio"],
       "audio_mask": ((B, na), b8), "audio_zero": ((B, na), b8),
       "audio_loss_mask": ((B, na), b8),
       "present": ((B, 5), b8),
@@ -105,11 +150,13 @@ def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int =
   b["table_segment"] = np.where(b["table_mask"], 1 + (np.arange(config.data.table_len) % 2)[None], 0).astype(np.int32)
   b["table_segment"][:, 0] = 0
   b["table_field"] = np.minimum(np.arange(config.data.table_len) // 2, config.data.max_fields - 1)[None].repeat(B, 0).astype(np.int32)
-  b["video_mask"] = np.arange(config.data.max_frames)[None] < rng.integers(1, config.data.max_frames + 1, B)[:, None]
-  na = b["audio_mask"].shape[1]
-  b["audio_mask"] = np.arange(na)[None] < rng.integers(1, na + 1, B)[:, None]
   for mod in ("image", "video", "audio"):
-    valid = np.ones_like(b[f"{mod}_zero"]) if mod == "image" else b[f"{mod}_mask"]
+    n = b[f"{mod}_mask"].shape[1]
+    if mod == "image" and stem(config, "image") == "media":
+      b["image_mask"] = np.ones((B, n), bool)  # Every patch of an image is real.
+    else:
+      b[f"{mod}_mask"] = np.arange(n)[None] < rng.integers(1, n + 1, B)[:, None]
+    valid = b[f"{mod}_mask"]
     b[f"{mod}_loss_mask"] &= valid
     b[f"{mod}_zero"] = b[f"{mod}_loss_mask"] & (rng.random(valid.shape) < 0.9)
   b["present"] = rng.random((B, 5)) < present_prob

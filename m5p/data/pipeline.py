@@ -7,12 +7,18 @@ global batches do not depend on the number of processes. The iterator is a Grain
 `DatasetIterator` whose state is saved with every checkpoint, so a resumed
 run sees exactly the batches it would have seen.
 
+Train-time filters (`config.data.train_list`, `config.data.train_complete_only`)
+keep a subset of the split's records, found by one scan of the split at start
+(`record_selection`); the stream above then runs over that subset. For
+config.task='classify' nothing is masked (the masked tasks are not trained).
+
 Evaluation: the split in order, unmasked, padded to whole batches (padding
 rows have `index == -1` and no modality present).
 """
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import grain
 import jax
@@ -72,6 +78,88 @@ class _ProcessRows(grain.MapDataset):
     return f"_ProcessRows(process={self._index}/{self._count}, rows={self._b})"
 
 
+class _Subset(grain.MapDataset):
+  """The parent's elements at `rows` (record indices), in that order."""
+
+  def __init__(self, parent: grain.MapDataset, rows: np.ndarray):
+    super().__init__(parent)
+    self._rows = np.asarray(rows, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __getitem__(self, k):
+    if isinstance(k, slice):
+      return self.slice(k)
+    return self._parent[int(self._rows[k % len(self._rows)])]  # Grain wraps indices.
+
+  def __str__(self) -> str:
+    return f"_Subset(rows={len(self._rows)})"
+
+
+def _list_names(value: Any) -> set[str]:
+  return {v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value}
+
+
+# (data_dir, split, list, complete_only, config json) -> (rows, labels): a run
+# scans once even though training and the classification floor both ask.
+_SELECTIONS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def record_selection(config: ml_collections.ConfigDict, data_dir: str, split: str,
+                     list_name: str = "", complete_only: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """(record indices, labels) of the records of `split` whose `lists` hold
+  `list_name` ('' = any) and, with `complete_only`, that have all five
+  modalities (as the Preprocessor finds them, so exactly what the model sees).
+
+  One threaded scan of the split, decoding every record (about 1 s per 1000
+  demo-size records); each process scans the whole split, so every process
+  gets the same selection. Raises ValueError when nothing is left.
+  """
+  key = (os.path.abspath(data_dir), split, list_name, bool(complete_only),
+         config.to_json() if complete_only else "")
+  if key in _SELECTIONS:
+    return _SELECTIONS[key]
+  if list_name and list_name not in convert.load_manifest(data_dir).get("splits_files", {}):
+    raise ValueError(f"{data_dir}: the dataset has no id list {list_name!r} (splits/"
+                     f"{list_name}_ids.txt); its lists: "
+                     f"{sorted(convert.load_manifest(data_dir).get('splits_files', {}))}")
+  pre = Preprocessor(config, _tokenizer_path(data_dir), train=False) if complete_only else None
+
+  def check(indexed):
+    index, record = indexed
+    keep = not list_name or list_name in _list_names(record["lists"])
+    if keep and pre is not None:
+      keep = bool(pre(indexed, np.random.default_rng(0))["present"].all())
+    return index, keep, int(record["label"])
+
+  rows, labels = [], []
+  threads = max(int(config.data.read_threads), 1)
+  scan = _indexed_source(data_dir, split).map(check).to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads))
+  for index, keep, label in scan:
+    if keep:
+      rows.append(index)
+      labels.append(label)
+  if not rows:
+    raise ValueError(f"split {split!r} of {data_dir} has no record with "
+                     + " and ".join(filter(None, [list_name and f"list {list_name!r}",
+                                                  complete_only and "all five modalities"])))
+  _SELECTIONS[key] = (np.asarray(rows, np.int64), np.asarray(labels, np.int32))
+  return _SELECTIONS[key]
+
+
+def _training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config the training examples are made with: no masking for 'classify'
+  (the masked tasks are not trained, and masked inputs would only blur them)."""
+  if config.get("task", "pretrain") != "classify":
+    return config
+  unmasked = ml_collections.ConfigDict(config.to_dict())
+  unmasked.loss.mask_prob = 0.0
+  return unmasked
+
+
 class _SeededByPosition:
   """Preprocesses (global position, (record index, record)) with an rng seeded by
   (seed, global position): masking does not depend on the process layout either."""
@@ -102,15 +190,19 @@ def train_dataset(config: ml_collections.ConfigDict, data_dir: str, split: str |
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   ds = _indexed_source(data_dir, split)
+  list_name = str(config.data.get("train_list", ""))
+  complete_only = bool(config.data.get("train_complete_only", False))
+  if list_name or complete_only:  # Record indices stay those of the split.
+    ds = _Subset(ds, record_selection(config, data_dir, split, list_name, complete_only)[0])
   n = len(ds)
   b = local_batch_size(config.batch_size, count)
   if n < config.batch_size:
-    raise ValueError(f"Split '{split}' has {n} records; fewer than one global batch of "
-                     f"{config.batch_size}.")
+    raise ValueError(f"Split '{split}' has {n} records (after the train_list / complete-only "
+                     f"filters); fewer than one global batch of {config.batch_size}.")
   ds = ds.shuffle(seed=config.seed).repeat(None).map_with_index(lambda pos, x: (pos, x))
   ds = _ProcessRows(ds, index, count, b)
-  ds = ds.map(_SeededByPosition(Preprocessor(config, _tokenizer_path(data_dir), train=True),
-                                config.seed + 1))
+  pre = Preprocessor(_training_config(config), _tokenizer_path(data_dir), train=True)
+  ds = ds.map(_SeededByPosition(pre, config.seed + 1))
   ds = ds.batch(b, drop_remainder=True)
   it = ds.to_iter_dataset(_read_options(config))
   if config.data.worker_count > 0:

@@ -2,6 +2,11 @@
 
 Decoding of the stored JPEGs happens in the TFDS data source; here strings
 are tokenized, media are stacked and padded, and the masked-task masks drawn.
+Modalities outside `data.modalities` are always absent. A modality with a
+'features' stem (config.model.stem) reads the record's precomputed
+`<modality>_feature` array instead of its media. Training
+examples then lose each present modality with its `data.modality_dropout`
+rate (never the last one), drawn from the example's own rng.
 """
 from __future__ import annotations
 
@@ -11,9 +16,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from m5p.data import batch_spec, masking
+from m5p.data import batch_spec, masking, schema
 from m5p.data.tokenizer import CLS_ID, Tokenizer
-from m5p.modalities import INDEX
+from m5p.modalities import INDEX, MODALITIES
 
 
 def _text(value: Any) -> str:
@@ -31,7 +36,20 @@ class Preprocessor:
     self.audio_patch = tuple(config.model.audio_patch)
     self.audio_grid = batch_spec.audio_grid(config)
     self.num_image_patches = batch_spec.num_image_patches(config)
+    self.stems = {m: batch_spec.stem(config, m) for m in ("image", "video", "audio")}
+    self.feature_shapes = {m: batch_spec.feature_shape(config, m) for m in self.stems
+                           if self.stems[m] == "features"}
     self.mask_prob = float(config.loss.mask_prob) if train else 0.0
+    used = tuple(config.data.get("modalities", MODALITIES))
+    unknown = sorted(set(used) - set(MODALITIES))
+    if unknown or not used:
+      raise ValueError(f"config.data.modalities={used}: expected a non-empty subset of {MODALITIES}")
+    self.used = np.array([m in used for m in MODALITIES])
+    rates = config.data.get("modality_dropout", None)
+    self.dropout_rates = np.array([float(rates.get(m, 0.0)) if rates is not None and train else 0.0
+                                   for m in MODALITIES])
+    if np.any((self.dropout_rates < 0) | (self.dropout_rates >= 1)):
+      raise ValueError(f"config.data.modality_dropout={rates}: rates must be in [0, 1)")
     self.tokenizer_path = tokenizer_path
     self._tokenizer: Tokenizer | None = None
 
@@ -52,14 +70,30 @@ class Preprocessor:
     present = np.zeros(5, bool)
     present[INDEX["text"]] = self._text(record, rng, ex)
     present[INDEX["table"]] = self._table(record, rng, ex)
-    present[INDEX["image"]] = self._image(record, rng, ex)
-    present[INDEX["video"]] = self._video(record, rng, ex)
-    present[INDEX["audio"]] = self._audio(record, rng, ex)
+    for m in ("image", "video", "audio"):
+      if self.stems[m] == "features":
+        present[INDEX[m]] = self._features(m, record, rng, ex)
+      else:
+        present[INDEX[m]] = getattr(self, f"_{m}")(record, rng, ex)
+    present &= self.used  # config.data.modalities: the others are never read.
+    if self.dropout_rates.any():
+      present = self._drop_modalities(present, rng)
     ex["present"] = present
     ex["label"] = np.int32(record["label"])
     ex["fine_group"] = np.int32(record["fine_group_id"])
     ex["index"] = np.int32(index)
     return ex
+
+  def _drop_modalities(self, present: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Modality dropout: each present modality made absent with its rate, the
+    last one kept (one picked at random among those present). Only `present`
+    changes: the model zeroes an absent modality's inputs and the losses
+    skip it, so nothing else needs clearing."""
+    drop = present & (rng.random(len(present)) < self.dropout_rates)
+    kept = present & ~drop
+    if present.any() and not kept.any():
+      kept[rng.choice(np.flatnonzero(present))] = True
+    return kept
 
   # --- text and table ---------------------------------------------------
   def _text(self, record: dict, rng: np.random.Generator, ex: dict) -> bool:
@@ -118,6 +152,7 @@ class Preprocessor:
     present = len(images) > 0
     ex["image"] = self._resized(np.asarray(images[0])) if present else np.zeros((s, s, 3), np.uint8)
     valid = np.full(self.num_image_patches, present)
+    ex["image_mask"] = valid
     ex["image_zero"], ex["image_loss_mask"] = masking.zero_tokens(valid, rng, self.mask_prob)
     return present
 
@@ -148,3 +183,24 @@ class Preprocessor:
     ex["audio_mask"] = valid
     ex["audio_zero"], ex["audio_loss_mask"] = masking.zero_tokens(valid, rng, self.mask_prob)
     return present
+
+  def _features(self, modality: str, record: dict, rng: np.random.Generator, ex: dict) -> bool:
+    """A 'features' stem's input: the record's [N, D] feature cut or zero-padded
+    to `config.data.features[modality]` rows; present when it has any row."""
+    tokens, dim = self.feature_shapes[modality]
+    name = f"{modality}_feature"
+    feat = schema.feature_array(record, name) if name in record else np.zeros((0, 0), np.float16)
+    n = min(feat.shape[0], tokens)
+    if n and feat.shape[1] != dim:
+      raise ValueError(f"item {_text(record.get('item_id', '?'))}: {name} has dimension "
+                       f"{feat.shape[1]}, but config.data.features.{modality} expects {dim}; set "
+                       f"--config.data.features.{modality}='({tokens}, {feat.shape[1]})'")
+    out = np.zeros((tokens, dim), np.float32)
+    if n:
+      out[:n] = feat[:n]
+    valid = np.arange(tokens) < n
+    ex[modality] = out
+    ex[f"{modality}_mask"] = valid
+    ex[f"{modality}_zero"], ex[f"{modality}_loss_mask"] = masking.zero_tokens(
+        valid, rng, self.mask_prob)
+    return n > 0

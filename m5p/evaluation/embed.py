@@ -21,7 +21,7 @@ def make_embed_fn(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callabl
     out = model.apply({"params": params}, batch, train=False)
     return {k: out[k] for k in EMBEDDING_KEYS}
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(getattr(model, "config", None))):
     return jax.jit(embed, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
 
@@ -55,7 +55,7 @@ def embed_split(embed_fn: Callable, params: Any, config: ml_collections.ConfigDi
     if keep_modalities is not None:
       batch["present"] = batch["present"] & np.asarray(keep_modalities, bool)[None]
     device_batch = {k: jax.make_array_from_process_local_data(batch_shard, v) for k, v in batch.items()}
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
       if not chunks and jax.process_count() > 1:  # Compile, then start together (see barrier).
         embed_fn.lower(params, device_batch).compile()
         distributed.barrier("embed_compiled")

@@ -25,6 +25,13 @@ Weighting (`mode`):
   'uniform'            mean of the pair losses, G unused.
 Pairs with no valid row in the batch are left out of every mean.
 
+Catalogue-aware positives (`positive_groups`, config.loss.multi_positive):
+listings of the same product (same fine-grained group) in the batch are
+positives of each other in every pair loss, SupCon's L_out:
+  l_b = logsumexp_{c in candidates} logit(b, c) - mean_{c in positives} logit(b, c).
+Without it, a second listing of the same product is a negative the loss
+pushes away. The ring form (m5p.losses.ring) computes the same.
+
 Everything is plain jnp over the whole batch: under `jax.jit` with the batch
 sharded over devices GSPMD computes the global-batch loss (the negatives are
 the whole global batch), with the same value and gradients as on one device.
@@ -65,27 +72,44 @@ def harmonization_weights(z: jax.Array, present: jax.Array) -> jax.Array:
 
 def _masked_ce(logits: jax.Array, positive: jax.Array, col_valid: jax.Array,
                row_valid: jax.Array) -> jax.Array:
-  """Per-row cross-entropy [..., R] of logits [..., R, C] with target columns
-  `positive` [R]; invalid columns are left out of the softmax; invalid rows give 0."""
+  """Per-row loss [..., R] of logits [..., R, C]: logsumexp over the valid
+  columns minus the mean logit of the row's positive columns `positive`
+  [..., R, C] bool (SupCon's L_out; with one positive per row, the
+  cross-entropy). Invalid columns are left out; invalid rows give 0."""
   logits = jnp.where(col_valid, logits, _NEG)
   lse = jax.nn.logsumexp(logits, axis=-1)
-  onehot = positive[:, None] == jnp.arange(logits.shape[-1])[None, :]  # [R, C]
-  pos = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+  positive = positive & col_valid
+  count = jnp.sum(positive.astype(jnp.float32), axis=-1)
+  pos = jnp.sum(jnp.where(positive, logits, 0.0), axis=-1) / jnp.maximum(count, 1.0)
   return jnp.where(row_valid, lse - pos, 0.0)
 
 
-def _clip_pairs(zi, zj, pi, pj, gij, gji, temperature):
+def _positives(groups: jax.Array | None, rows: int, cols: int | None = None) -> jax.Array:
+  """[R, C] bool: column c is a positive of row r when they are the same
+  sample (c mod B == r mod B, B = len(groups)) or, with `groups`, share a
+  group >= 0 (catalogue-aware positives: listings of the same product)."""
+  cols = rows if cols is None else cols
+  b = rows if groups is None else groups.shape[0]
+  rs, cs = jnp.arange(rows) % b, jnp.arange(cols) % b
+  same = rs[:, None] == cs[None, :]
+  if groups is not None:
+    gr, gc = groups[rs], groups[cs]
+    same = same | ((gr[:, None] >= 0) & (gr[:, None] == gc[None, :]))
+  return same
+
+
+def _clip_pairs(zi, zj, pi, pj, gij, gji, temperature, groups=None):
   """Symmetric InfoNCE for K pairs at once: zi, zj [K, B, P]; pi, pj, gij, gji [K, B].
   Returns [K]: (sum of the per-row losses of both directions) / 2."""
   both = pi & pj
-  rows = jnp.arange(zi.shape[1])
+  positive = _positives(groups, zi.shape[1])  # Symmetric: serves both directions.
   sim = jnp.einsum("kbp,kcp->kbc", zi, zj) / temperature  # Rows z_i, columns z_j.
-  l_ij = _masked_ce(sim * gij[..., None], rows, pj[:, None, :], both)
-  l_ji = _masked_ce(jnp.swapaxes(sim, 1, 2) * gji[..., None], rows, pi[:, None, :], both)
+  l_ij = _masked_ce(sim * gij[..., None], positive, pj[:, None, :], both)
+  l_ji = _masked_ce(jnp.swapaxes(sim, 1, 2) * gji[..., None], positive, pi[:, None, :], both)
   return 0.5 * (jnp.sum(l_ij, axis=-1) + jnp.sum(l_ji, axis=-1))
 
 
-def _ntxent_pairs(zi, zj, pi, pj, gij, gji, temperature):
+def _ntxent_pairs(zi, zj, pi, pj, gij, gji, temperature, groups=None):
   """NT-Xent over [z_i; z_j] (2B rows, self excluded) for K pairs at once.
   Returns [K]: (sum of the per-row losses over the 2B rows) / 2."""
   b = zi.shape[1]
@@ -93,19 +117,26 @@ def _ntxent_pairs(zi, zj, pi, pj, gij, gji, temperature):
   reps = jnp.concatenate([zi, zj], axis=1)  # [K, 2B, P]
   scale = jnp.concatenate([gij, gji], axis=1) / temperature  # [K, 2B]
   sim = jnp.einsum("krp,kcp->krc", reps, reps) * scale[..., None]
-  col_valid = jnp.concatenate([pi, pj], axis=1)[:, None, :] & ~jnp.eye(2 * b, dtype=bool)
-  positive = (jnp.arange(2 * b) + b) % (2 * b)
-  losses = _masked_ce(sim, positive, col_valid, jnp.concatenate([both, both], axis=1))
+  not_self = ~jnp.eye(2 * b, dtype=bool)
+  col_valid = jnp.concatenate([pi, pj], axis=1)[:, None, :] & not_self
+  positive = _positives(groups, 2 * b) if groups is not None else (
+      (jnp.arange(2 * b) + b) % (2 * b))[:, None] == jnp.arange(2 * b)[None, :]
+  losses = _masked_ce(sim, positive & not_self, col_valid, jnp.concatenate([both, both], axis=1))
   return 0.5 * jnp.sum(losses, axis=-1)
 
 
 def harmonized_contrastive(z: jax.Array, present: jax.Array, *, mode: str = "per_sample_logits",
-                           infonce: str = "clip", temperature: float = 0.07,
-                           weights: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                           infonce: str = "clip", temperature: float | jax.Array = 0.07,
+                           weights: jax.Array | None = None,
+                           positive_groups: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """The SIMCL loss of z [B, M, P] (unnormalised) with presence [B, M].
 
   `weights`: a G [B, M, M] to use instead of `harmonization_weights(z, present)`
-  (tests, or weights computed elsewhere). Returns (loss, aux) with aux:
+  (tests, or weights computed elsewhere). `temperature` may be a traced
+  scalar (learned). `positive_groups` [B] int (-1 = none): multi-positive
+  InfoNCE, rows of the same group are positives of each other, not
+  negatives (SupCon L_out: logsumexp - mean positive logit); None or all
+  groups distinct gives exactly the plain loss. Returns (loss, aux) with aux:
     G            [B, M, M]  the per-sample weights used
     weights      [M, M]     batch mean of G_b[i, j] over samples holding i and j
     pair_losses  [10]       per-pair InfoNCE (mean over its valid rows), PAIRS order
@@ -132,7 +163,9 @@ def harmonized_contrastive(z: jax.Array, present: jax.Array, *, mode: str = "per
   else:
     scale_ij = scale_ji = jnp.ones_like(g_ij)
   pair_fn = _clip_pairs if infonce == "clip" else _ntxent_pairs
-  totals = pair_fn(zi, zj, pi, pj, scale_ij, scale_ji, temperature)
+  groups = None if positive_groups is None else jnp.asarray(positive_groups, jnp.int32)
+  totals = pair_fn(zi, zj, pi, pj, scale_ij, scale_ji, jnp.asarray(temperature, jnp.float32),
+                   groups)
   counts = jnp.sum(both.astype(jnp.float32), axis=-1)
   pair_losses = totals / jnp.maximum(counts, 1.0)
   valid = (counts > 0).astype(jnp.float32)

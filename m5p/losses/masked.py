@@ -15,6 +15,10 @@
   mam  audio  MSE at audio_loss_mask patches (and real patches) against the
               (already standardised) log-mel values of the patch.
 
+With a 'features' stem (config.model.stem) MRM / MFM / MAM regress the
+input features themselves at the picked tokens (authors: the original region,
+S3D and audio features), unnormalised.
+
 MLM and MEM read the model's `mlm_nll` / `mem_nll` (the cross-entropy it
 computes at the picked positions only, m5p.models.scale), or the full
 `mlm_logits` / `mem_logits` when those are absent: the same values.
@@ -33,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from m5p.data import batch_spec
 from m5p.losses.contrastive import harmonization_weights
 from m5p.models.towers import (VIDEO_TARGET_GRID, mfm_target_dim, normalize_pixels,  # noqa: F401
                                patchify_audio, patchify_image, video_target_grid)
@@ -112,14 +117,21 @@ def masked_losses(outputs: dict, batch: dict, config: ml_collections.ConfigDict)
     return cross_entropy_loss(outputs[f"{task}_logits"], batch[targets], picked(loss_mask, m), w[:, m])
 
   m = config.model
+
+  def target(modality, media_target):
+    if batch_spec.stem(config, modality) == "features":
+      return jnp.asarray(batch[modality], jnp.float32)
+    return media_target(batch[modality])
+
   return {
       "mlm": lm_loss("mlm", 0, "text_targets", "text_loss_mask"),
       "mem": lm_loss("mem", 1, "table_targets", "table_loss_mask"),
-      "mrm": mse_loss(outputs["mrm_pred"], image_targets(batch["image"], m.patch_size),
-                      picked("image_loss_mask", 2), w[:, 2]),
-      "mfm": mse_loss(outputs["mfm_pred"], video_targets(batch["video"], video_target_grid(config)),
+      "mrm": mse_loss(outputs["mrm_pred"], target("image", lambda x: image_targets(x, m.patch_size)),
+                      picked("image_loss_mask", 2, batch["image_mask"]), w[:, 2]),
+      "mfm": mse_loss(outputs["mfm_pred"],
+                      target("video", lambda x: video_targets(x, video_target_grid(config))),
                       picked("video_loss_mask", 3, batch["video_mask"]), w[:, 3]),
-      "mam": mse_loss(outputs["mam_pred"], audio_targets(batch["audio"], m.audio_patch),
+      "mam": mse_loss(outputs["mam_pred"], target("audio", lambda x: audio_targets(x, m.audio_patch)),
                       picked("audio_loss_mask", 4, batch["audio_mask"]), w[:, 4]),
       "weights": w,
   }

@@ -24,8 +24,8 @@ with block s and come home after the last step (one extra small ppermute).
 So each step costs 10 b_local x b_local products (ntxent: 15, adding the
 same-modality z_q . z_q blocks), as many as the global form computes in all.
 
-Multi-positive (`positive_groups` [B] int, -1 = none; the global form in
-contrastive.py has no such argument). The positives of row b are its
+Multi-positive (`positive_groups` [B] int, -1 = none; as in the global form
+in contrastive.py, config.loss.multi_positive). The positives of row b are its
 candidates c that are the same sample (clip: z_o[b]; ntxent: z_o[b], never
 b itself) or share b's group (group >= 0); the row loss is SupCon's L_out:
   l_b = logsumexp_{c in candidates} logit(b, c) - mean_{c in positives} logit(b, c).

@@ -24,6 +24,7 @@ def compute_loss(outputs: dict, batch: dict, config: ml_collections.ConfigDict
                  ) -> tuple[jax.Array, dict]:
   """(loss, metrics). Metrics (scalars):
     loss, contrastive, mlm, mem, mrm, mfm, mam
+    temperature    the contrastive temperature (learned or config.loss.temperature)
     w/<i>-<j>      batch mean of G_b[i, j] (contrastive harmonization), PAIR_NAMES
     w/<m>          batch mean of G_b[m, m] (the contrastive self-weight)
     pair/<i>-<j>   that pair's InfoNCE
@@ -35,7 +36,11 @@ def compute_loss(outputs: dict, batch: dict, config: ml_collections.ConfigDict
   impl = lc.get("implementation", "global")
   if impl not in ("global", "ring"):
     raise ValueError(f"config.loss.implementation={impl!r}: expected 'global' or 'ring'")
-  kwargs = dict(mode=lc.harmonization, infonce=lc.infonce, temperature=lc.temperature)
+  # A learned temperature (config.loss.learn_temperature) comes from the model.
+  temperature = outputs.get("temperature", lc.temperature)
+  kwargs = dict(mode=lc.harmonization, infonce=lc.infonce, temperature=temperature)
+  if lc.get("multi_positive", False):  # Listings of one product are positives of each other.
+    kwargs["positive_groups"] = batch["fine_group"]
   if impl == "ring":
     contrastive_fn = functools.partial(ring_harmonized_contrastive,
                                        block_size=int(lc.get("ring_block_size", 0)) or None)
@@ -46,7 +51,8 @@ def compute_loss(outputs: dict, batch: dict, config: ml_collections.ConfigDict
   masked_sum = sum(masked[k] for k in MASKED_TASKS)
   loss = lc.contrastive_weight * contrastive + lc.masked_weight * masked_sum
 
-  metrics = {"loss": loss, "contrastive": contrastive}
+  metrics = {"loss": loss, "contrastive": contrastive,
+             "temperature": jnp.asarray(temperature, jnp.float32)}
   metrics.update({k: masked[k] for k in MASKED_TASKS})
   for p, (i, j) in enumerate(PAIRS):
     metrics[f"w/{PAIR_NAMES[p]}"] = aux["weights"][i, j]

@@ -18,11 +18,14 @@ Outside a mesh and `nn.logical_axis_rules` context the constraints are no-ops.
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -147,6 +150,85 @@ class _Einsum(nn.Module):
     return jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
+KEEP_BITS = 16  # Random bits per dropout decision: 4 per Threefry-2x32 evaluation.
+
+
+def _rotl(x: jax.Array, d: int) -> jax.Array:
+  return (x << np.uint32(d)) | (x >> np.uint32(32 - d))
+
+
+def _threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array):
+  """The Threefry-2x32 hash (20 rounds) of jax.random's default keys, written
+  out unrolled: XLA fuses it into one elementwise loop, where JAX's own CPU
+  lowering is a rolled loop whose 5 iterations each pass over memory
+  (threefry was most of the cost of dropout: ~12% of a scale_base-width train
+  step with nn.Dropout). Same values as jax's threefry_2x32."""
+  ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+  rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for i in range(5):
+    for r in rotations[i % 2]:
+      x0 = x0 + x1
+      x1 = _rotl(x1, r) ^ x0
+    x0 = x0 + ks[(i + 1) % 3]
+    x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x0, x1
+
+
+def _key_words(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Two uint32 words of a key: a threefry key's own data (words drawn with
+  jax.random.bits instead were 3x slower: XLA then fused the hash worse)."""
+  data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+  if data.shape != (2,):  # Another key implementation: draw two words from it.
+    data = jax.random.bits(rng, (2,), jnp.uint32)
+  return data[0], data[1]
+
+
+def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.Array, float]:
+  """(bool mask of `shape`, True with probability keep_prob; keep_prob):
+  dropout's keep decisions, 16 bits each, four from one Threefry-2x32
+  evaluation keyed by `rng` (counters: the leading index and the position
+  within it, so the values do not depend on how the array is sharded).
+  jax.random.bernoulli draws a 32-bit word and a float per element through
+  JAX's rolled-loop threefry: ~7x the time on CPU. keep_prob is 1 - rate
+  rounded to a multiple of 2^-16 (|error| <= 7.7e-6), returned so that the
+  scaling keeps the expectation exact."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate {rate}: expected 0 <= rate < 1")
+  threshold = round(rate * (1 << KEEP_BITS))
+  full = tuple(shape) or (1,)
+  per_word = 32 // KEEP_BITS
+  counters = full[:-1] + (-(-full[-1] // (2 * per_word)),)  # Each counter: two 32-bit words.
+  if math.prod(counters[1:]) >= 1 << 32:
+    raise ValueError(f"dropout over {shape}: more than 2^32 counters per leading index")
+  k0, k1 = _key_words(rng)
+  lead = jax.lax.broadcasted_iota(jnp.uint32, counters, 0)
+  pos, stride = jnp.zeros(counters, jnp.uint32), 1
+  for d in reversed(range(1, len(counters))):
+    pos = pos + jax.lax.broadcasted_iota(jnp.uint32, counters, d) * np.uint32(stride)
+    stride *= counters[d]
+  words = jnp.stack(_threefry2x32(k0, k1, lead, pos), axis=-1)  # [*counters, 2] uint32
+  bits = jax.lax.bitcast_convert_type(words, jnp.uint16)  # [*counters, 2, per_word]
+  bits = bits.reshape(full[:-1] + (counters[-1] * 2 * per_word,))[..., :full[-1]]
+  keep = bits >= jnp.uint16(threshold)
+  return keep.reshape(tuple(shape)), 1.0 - threshold / (1 << KEEP_BITS)
+
+
+class Dropout(nn.Module):
+  """nn.Dropout(rate) (inverted dropout, rng collection 'dropout') with its
+  keep decisions from `keep_mask`: a seventh of nn.Dropout's time on CPU."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    keep, keep_prob = keep_mask(self.make_rng("dropout"), x.shape, self.rate)
+    return _drop(x, keep, keep_prob)
+
+
 def _attention_probs(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
   """softmax(q k^T + bias) in float32: q [B, H, Lq, K], k [B, H, Lk, K], bias [B, Lk].
 
@@ -167,36 +249,48 @@ def _attention_probs(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
   return jax.nn.softmax(logits, axis=-1)
 
 
-@jax.custom_vjp
-def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+                    keep: jax.Array | None = None, keep_prob: float = 1.0) -> jax.Array:
   """softmax(q k^T + bias) v per batch row and head, head-major [B, H, L, K]
-  (q already scaled); bias [B, Lk] float32, no gradient.
+  (q already scaled); bias [B, Lk] float32, no gradient. `keep` (bool [B, H,
+  Lq, Lk] or None): attention dropout, the kept probabilities scaled by
+  1 / keep_prob (as flax's nn.Dropout on the probabilities).
 
   A custom VJP, same values and gradients as autodiff of the same ops (to
   float rounding): the backward pass keeps the probabilities as its only
   [B, H, Lq, Lk] residual and writes its two transposed products (dv, dk)
   as `x^T p` and transposes their small outputs, because XLA:CPU runs a
   batched dot whose left operand contracts its major axis (`p^T x`) on a
-  slow generic path. Attention was ~45% of the demo's step."""
-  return _attention_core_fwd(q, k, v, bias)[0]
+  slow generic path. Attention was ~45% of the demo's step. With dropout the
+  extra residual is the boolean keep mask (autodiff of the same ops would
+  also keep the dropped probabilities, and take the slow path)."""
+  return _attention_core_fwd(q, k, v, bias, keep, keep_prob)[0]
 
 
-def _attention_core_fwd(q, k, v, bias):
+def _drop(x: jax.Array, keep: jax.Array | None, keep_prob: float) -> jax.Array:
+  if keep is None:
+    return x
+  return jnp.where(keep, x * jnp.asarray(1.0 / keep_prob, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _attention_core_fwd(q, k, v, bias, keep, keep_prob):
   probs = _attention_probs(q, k, bias)
-  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
-  return out, (q, k, v, probs)
+  out = jnp.einsum("bhqk,bhkd->bhqd", _drop(probs, keep, keep_prob).astype(v.dtype), v)
+  return out, (q, k, v, probs, keep)
 
 
-def _attention_core_bwd(res, d_out):
-  q, k, v, probs = res
-  p = probs.astype(v.dtype)
+def _attention_core_bwd(keep_prob, res, d_out):
+  q, k, v, probs, keep = res
+  p = _drop(probs, keep, keep_prob).astype(v.dtype)
   d_v = _transposed_product(d_out, p)
   d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+  d_probs = _drop(d_probs, keep, keep_prob)
   d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
   d_logits = d_logits.astype(q.dtype)
   d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k)
   d_k = _transposed_product(q, d_logits)
-  return d_q, d_k, d_v, None
+  return d_q, d_k, d_v, None, None
 
 
 def _transposed_product(x: jax.Array, p: jax.Array) -> jax.Array:
@@ -238,12 +332,11 @@ class MultiHeadAttention(nn.Module):
     k, v = qkv("key", x), qkv("value", x)
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
     bias = jnp.where(key_mask, 0.0, MASK_VALUE).astype(jnp.float32)
-    if self.dropout > 0.0 and train:
-      probs = _attention_probs(q, k, bias).astype(self.dtype)
-      probs = nn.Dropout(self.dropout)(probs, deterministic=False)
-      out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-    else:
-      out = _attention_core(q, k, v, bias)
+    keep, keep_prob = None, 1.0
+    if self.dropout > 0.0 and train:  # Dropout on the attention probabilities.
+      keep, keep_prob = keep_mask(self.make_rng("dropout"), q.shape[:3] + (k.shape[2],),
+                                  self.dropout)
+    out = _attention_core(q, k, v, bias, keep, keep_prob)
     return _Einsum("bhlk,hkd->bld", (self.heads, head_dim, width), ("heads", "kv", "embed"),
                    (width,), ("embed",), self.dtype, name="out")(out)
 
@@ -286,7 +379,7 @@ class Mlp(nn.Module):
     h = dense(self.hidden, "embed", "mlp", self.dtype, name="fc1")(x)
     h = gelu(h)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = Dropout(self.dropout)(h, deterministic=not train)
     return dense(width, "mlp", "embed", self.dtype, name="fc2")(h)
 
 
@@ -308,10 +401,10 @@ class Block(nn.Module):
     h = MultiHeadAttention(self.heads, self.dtype, self.dropout, name="attn")(
         h, key_mask, train=train, queries=queries)
     x = x if queries is None else x[:, :queries]
-    x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
+    x = x + Dropout(self.dropout)(h, deterministic=not train)
     h = layer_norm(self.dtype, "ln_mlp")(x)
     h = Mlp(self.mlp_ratio * x.shape[-1], self.dtype, self.dropout, name="mlp")(h, train=train)
-    x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
+    x = x + Dropout(self.dropout)(h, deterministic=not train)
     return constrain(x)
 
 
@@ -321,11 +414,14 @@ class Block(nn.Module):
 # activation memory: the [B, H, L, L] attention probabilities and the
 # [B, L, mlp_ratio * D] MLP hidden. Saving the matmul outputs
 # (dots_with_no_batch_dims_saveable) would keep ~9 [B, L, D]-sized arrays a
-# block to spare one extra forward of the blocks. XLA:CPU does not turn this
-# into less memory (the demo step's compiled temp memory was unchanged,
-# 158.6 vs 159.1 MiB at batch 32); the saving is for GPU/TPU backends, which
-# keep the checkpoint barriers (not measured here). `train` and `queries`
-# (arguments 3 and 4, counting the module) stay static.
+# block to spare one extra forward of the blocks. XLA:CPU's default
+# (concurrency-optimised) scheduler runs the recomputation early, so remat
+# alone saves no memory there (configs/scale_authors.py at batch 64: 16.6 GiB
+# compiled temp memory either way); with
+# XLA_FLAGS=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED it
+# drops to 8.2 GiB (14.8 without remat). GPU/TPU backends keep the checkpoint
+# barriers (not measured here). `train` and `queries` (arguments 3 and 4,
+# counting the module) stay static.
 RematBlock = nn.remat(Block, static_argnums=(3, 4))
 
 

@@ -17,6 +17,10 @@ Outputs (B batch, D = config.model.width, P = config.model.proj_dim):
   mrm_pred     [B, Ni, p*p*3] image patches (JCT image tokens after the CLS)
   mfm_pred     [B, T, F_v]    per-frame coarse targets, F_v = towers.mfm_target_dim(config)
   mam_pred     [B, Na, pt*pf] log-mel patches
+               (with a 'features' stem each predicts its input feature: width D_m,
+               `masked_target_dim`)
+  temperature  []             the learned contrastive temperature (only with
+                              config.loss.learn_temperature)
 All float32. Every output row or slice of an absent modality is exactly zero.
 
 Missing modalities (config.model.missing):
@@ -28,6 +32,12 @@ Missing modalities (config.model.missing):
 In both modes an absent modality's inputs are first replaced by zeros (token
 ids -> PAD 0, normalised pixels / log-mel -> 0, its masks -> False), so even
 non-finite values there reach nothing, forward or backward.
+
+Stems (config.model.stem): 'media' reads pixels / frames / log-mel;
+'features' reads the precomputed features the converter stores (image
+regions, per-second video and audio features), one token per row, through a
+dense stem. Frames share the image tower only when both are 'media'; a
+'features' video feeds its frame tokens straight to the temporal blocks.
 
 The JCT adds a learned modality-type embedding to each segment; the towers
 already carry positions, so the JCT adds no positions of its own.
@@ -79,15 +89,24 @@ class ScaleModel(nn.Module):
     self.text = towers.TextTower(self.word_embed, self.text_stack, c.data.text_len, d, self.dtype, drop)
     self.table = towers.TableTower(self.word_embed, table_stack, c.data.table_len,
                                    c.data.max_fields, d, self.dtype, drop)
+    self.stems = {k: batch_spec.stem(c, k) for k in ("image", "video", "audio")}
     self.image = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype, drop,
-                                   remat)
-    if not m.video_uses_image_stack:
+                                   remat, stem=self.stems["image"])
+    if self.stems["video"] == "features":
+      self.video_frames = towers.FeatureFrames(d, self.dtype)
+    elif not self._frames_share_image_tower():
       self.video_frames = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype,
                                             drop, remat)
     self.video = towers.VideoTower(c.data.max_frames, m.video_layers, d, heads, r, self.dtype, drop,
                                    remat)
     self.audio = towers.AudioTower(tuple(m.audio_patch), m.audio_layers, d, heads, r, self.dtype,
-                                   drop, remat)
+                                   drop, remat, stem=self.stems["audio"])
+    if c.loss.get("learn_temperature", False):
+      # log(1 / tau), clamped at use to tau >= loss.min_temperature (CLIP's logit scale).
+      self.log_inv_temperature = self.param(
+          "log_inv_temperature",
+          nn.with_logical_partitioning(nn.initializers.constant(-math.log(c.loss.temperature)), ()),
+          (), jnp.float32)
 
     # One projection per modality, in MODALITIES order (params proj_0 .. proj_4).
     self.proj = [layers.dense(m.proj_dim, "embed", "proj", jnp.float32) for _ in MODALITIES]
@@ -100,10 +119,15 @@ class ScaleModel(nn.Module):
     self.lm_norm = layers.layer_norm(self.dtype)
     self.lm_bias = self.param("lm_bias", layers.zeros_init(("vocab",)), (c.data.vocab_size,),
                               jnp.float32)
-    p, (pt, pf) = m.patch_size, m.audio_patch
-    self.mrm_head = layers.dense(p * p * 3, "embed", "patch", self.dtype)
-    self.mfm_head = layers.dense(towers.mfm_target_dim(c), "embed", "patch", self.dtype)
-    self.mam_head = layers.dense(pt * pf, "embed", "patch", self.dtype)
+    self.mrm_head = layers.dense(masked_target_dim(c, "image"), "embed", "patch", self.dtype)
+    self.mfm_head = layers.dense(masked_target_dim(c, "video"), "embed", "patch", self.dtype)
+    self.mam_head = layers.dense(masked_target_dim(c, "audio"), "embed", "patch", self.dtype)
+
+  def _frames_share_image_tower(self) -> bool:
+    """Video frames go through the image tower: config.model.video_uses_image_stack
+    with pixel stems for both (a 'features' image tower cannot read frames)."""
+    return (bool(self.config.model.video_uses_image_stack)
+            and self.stems["image"] == self.stems["video"] == "media")
 
   # ---------------------------------------------------------------------------
   def _lm_logits(self, x: jax.Array) -> jax.Array:
@@ -155,14 +179,20 @@ class ScaleModel(nn.Module):
 
     # Image and video frames: each frame through the image tower (shared by
     # default, then in the same call as the image: [B, 1 + T] images).
-    image = fill(towers.normalize_pixels(batch["image"]), 2)  # [B, H, W, 3]
     image_zero = fill(jnp.asarray(batch["image_zero"], bool), 2)  # [B, Ni]
-    frames = towers.video_frames_pixels(fill(towers.normalize_pixels(batch["video"]), 3),
-                                        fill(jnp.asarray(batch["video_zero"], bool), 3))
-    b, t = frames.shape[:2]
+    video_zero = fill(jnp.asarray(batch["video_zero"], bool), 3)  # [B, T]
+    if self.stems["image"] == "features":
+      image = fill(jnp.asarray(batch["image"], jnp.float32), 2)  # [B, Ni, Di]
+    else:
+      image = fill(towers.normalize_pixels(batch["image"]), 2)  # [B, H, W, 3]
+    if self.stems["video"] == "features":
+      frame_tokens = self.video_frames(fill(jnp.asarray(batch["video"], jnp.float32), 3), video_zero)
+    else:
+      frames = towers.video_frames_pixels(fill(towers.normalize_pixels(batch["video"]), 3), video_zero)
+      b, t = frames.shape[:2]
     # Of a frame, only the [CLS] output is used: the stack's last block
     # computes only that query for the frames (`split`).
-    if m.video_uses_image_stack:
+    if self.stems["video"] == "media" and self._frames_share_image_tower():
       pixels = jnp.concatenate([image[:, None], frames], axis=1)  # [B, 1 + T, H, W, 3]
       zero = jnp.concatenate(
           [image_zero[:, None], jnp.zeros((b, t, image_zero.shape[1]), bool)], axis=1)
@@ -170,11 +200,17 @@ class ScaleModel(nn.Module):
           pixels.reshape(b * (1 + t), *pixels.shape[2:]), zero.reshape(b * (1 + t), -1),
           train=train, split=(1 + t, 1))
       image_tokens = image_tokens[:, 0]
+      image_km = jnp.ones(image_tokens.shape[:2], bool)
     else:
-      image_tokens, _ = self.image(image, image_zero, train=train)
-      (_, frame_tokens), _ = self.video_frames(frames.reshape(b * t, *frames.shape[2:]), None,
-                                               train=train, split=(t, 0))
-    image_km = jnp.ones(image_tokens.shape[:2], bool)
+      if self.stems["image"] == "features":
+        image_tokens, image_km = self.image(image, image_zero, train=train,
+                                            token_mask=tower_mask(batch["image_mask"], 2))
+      else:
+        image_tokens, _ = self.image(image, image_zero, train=train)
+        image_km = jnp.ones(image_tokens.shape[:2], bool)
+      if self.stems["video"] == "media":
+        (_, frame_tokens), _ = self.video_frames(frames.reshape(b * t, *frames.shape[2:]), None,
+                                                 train=train, split=(t, 0))
     video_tokens, video_km = self.video(frame_tokens, tower_mask(batch["video_mask"], 3),
                                         train=train)
     audio = fill(jnp.asarray(batch["audio"], jnp.float32), 4)
@@ -216,7 +252,12 @@ class ScaleModel(nn.Module):
                                   jnp.asarray(batch["table_targets"], jnp.int32)], axis=1)
     lm_nll = self._lm_nll(lm_x, lm_targets, lm_picked)
 
+    extra = {}
+    if self.config.loss.get("learn_temperature", False):
+      floor = float(self.config.loss.get("min_temperature", 0.01))
+      extra["temperature"] = jnp.exp(-jnp.minimum(self.log_inv_temperature, -math.log(floor)))
     return {
+        **extra,
         "present": present,
         "unimodal": unimodal,
         "z": z,
@@ -230,6 +271,20 @@ class ScaleModel(nn.Module):
         "mfm_pred": keep(self.mfm_head(segs[3][:, 1:]), 3),
         "mam_pred": keep(self.mam_head(segs[4][:, 1:]), 4),
     }
+
+
+def masked_target_dim(config: ml_collections.ConfigDict, modality: str) -> int:
+  """Width of the MRM / MFM / MAM prediction: a 'features' stem regresses its
+  input features; media stems their pixel patch, pooled frame grid, log-mel patch."""
+  if batch_spec.stem(config, modality) == "features":
+    return batch_spec.feature_shape(config, modality)[1]
+  m = config.model
+  if modality == "image":
+    return m.patch_size * m.patch_size * 3
+  if modality == "video":
+    return towers.mfm_target_dim(config)
+  pt, pf = m.audio_patch
+  return pt * pf
 
 
 def lm_pick_capacity(config: ml_collections.ConfigDict) -> int:

@@ -172,7 +172,10 @@ class TableTower(nn.Module):
 class ImageTower(nn.Module):
   """ViT: patch stem (reshape + dense) on normalised pixels, learned [CLS] and
   positions, `layers` blocks. Patches flagged in `zero` are zeroed before the
-  stem (MRM). Also encodes video frames when the video reuses it."""
+  stem (MRM). Also encodes video frames when the video reuses it.
+
+  stem='features': the input is precomputed region features [N, Ni, Di]
+  (the released M5Product's), each region a token through the dense stem."""
   patch_size: int
   layers: int
   width: int
@@ -181,14 +184,19 @@ class ImageTower(nn.Module):
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
   remat: bool = False  # Rematerialise each block (config.model.remat).
+  stem: str = "media"  # | 'features'
 
   @nn.compact
   def __call__(self, pixels: jax.Array, zero: jax.Array | None, *, train: bool,
-               split: tuple[int, int] | None = None):
-    """pixels: [N, H, W, 3] float (already normalised); zero: [N, Ni] bool or None.
-    Returns (tokens [N, 1 + Ni, D], key_mask); with `split` (see
-    layers.Encoder) the tokens are its (full, cls) pair instead."""
-    patches = patchify_image(pixels, self.patch_size)  # [N, Ni, p*p*3]
+               split: tuple[int, int] | None = None, token_mask: jax.Array | None = None):
+    """pixels: [N, H, W, 3] float (already normalised), or features [N, Ni, Di]
+    (stem='features'); zero: [N, Ni] bool or None; token_mask: [N, Ni] real
+    tokens (None: all). Returns (tokens [N, 1 + Ni, D], key_mask); with
+    `split` (see layers.Encoder) the tokens are its (full, cls) pair instead."""
+    if self.stem == "features":
+      patches = pixels.astype(jnp.float32)
+    else:
+      patches = patchify_image(pixels, self.patch_size)  # [N, Ni, p*p*3]
     if zero is not None:
       patches = jnp.where(zero[..., None], 0.0, patches)
     x = layers.dense(self.width, "patch", "embed", self.dtype, name="stem")(patches.astype(self.dtype))
@@ -197,6 +205,8 @@ class ImageTower(nn.Module):
     x = _with_cls(cls, x) + pos.astype(self.dtype)[None]
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     key_mask = jnp.ones(x.shape[:2], bool)
+    if token_mask is not None:
+      key_mask = key_mask.at[:, 1:].set(token_mask)
     x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
                 name="stack")(layers.constrain(x), key_mask, train=train, split=split)
     return x, key_mask
@@ -233,6 +243,19 @@ class VideoTower(nn.Module):
     return x, key_mask
 
 
+class FeatureFrames(nn.Module):
+  """stem='features' video: precomputed per-second features [B, T, Dv] (e.g.
+  S3D) -> frame tokens [B, T, D] by a dense stem; frames flagged in `zero`
+  are zeroed first (MFM). VideoTower's temporal blocks run on them."""
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, zero: jax.Array) -> jax.Array:
+    x = jnp.where(zero[..., None], 0.0, features.astype(jnp.float32))
+    return layers.dense(self.width, "patch", "embed", self.dtype, name="stem")(x.astype(self.dtype))
+
+
 def video_frames_pixels(video: jax.Array, zero: jax.Array) -> jax.Array:
   """Normalised frames [B, T, H, W, 3] with the frames flagged in `zero` [B, T]
   set to 0 (MFM: the whole frame is masked at the input)."""
@@ -243,7 +266,8 @@ def video_frames_pixels(video: jax.Array, zero: jax.Array) -> jax.Array:
 
 class AudioTower(nn.Module):
   """Log-mel [Ta, F] cut into (pt, pf) patches -> dense -> tokens; patches
-  flagged in `zero` zeroed (MAM); learned [CLS] and positions; `layers` blocks."""
+  flagged in `zero` zeroed (MAM); learned [CLS] and positions; `layers` blocks.
+  stem='features': precomputed audio features [B, Na, Da], one token a row."""
   audio_patch: tuple[int, int]
   layers: int
   width: int
@@ -252,11 +276,15 @@ class AudioTower(nn.Module):
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
   remat: bool = False
+  stem: str = "media"  # | 'features'
 
   @nn.compact
   def __call__(self, logmel, patch_mask, zero, *, train: bool):
-    """logmel: [B, Ta, F] float; patch_mask, zero: [B, Na] bool."""
-    patches = patchify_audio(logmel.astype(jnp.float32), tuple(self.audio_patch))
+    """logmel: [B, Ta, F] float (or features [B, Na, Da]); patch_mask, zero: [B, Na] bool."""
+    if self.stem == "features":
+      patches = logmel.astype(jnp.float32)
+    else:
+      patches = patchify_audio(logmel.astype(jnp.float32), tuple(self.audio_patch))
     patches = jnp.where(zero[..., None], 0.0, patches)
     x = layers.dense(self.width, "patch", "embed", self.dtype, name="stem")(patches.astype(self.dtype))
     cls = layers.LearnedEmbedding(1, self.width, name="cls")()

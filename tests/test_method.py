@@ -1,0 +1,268 @@
+"""SCALE's switchable parts (issue 4): multi-positive InfoNCE, the learned
+temperature, modality dropout, 'features' stems and the authors' config."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import linen as nn
+from test_ring_loss import ref_multi_positive
+
+from m5p import optim, sharding, state as state_lib
+from m5p.config_loader import load_config
+from m5p.data import batch_spec, convert, pipeline, synthetic
+from m5p.losses.contrastive import harmonized_contrastive
+from m5p.losses.total import compute_loss
+from m5p.models.scale import ScaleModel, init_batch
+from m5p.modalities import INDEX
+from m5p.train import make_train_step
+
+MODES = ("per_sample_logits", "pair_loss_weights", "uniform")
+
+
+@pytest.fixture(scope="module")
+def embeddings():
+  rng = np.random.default_rng(3)
+  b = 12
+  z = np.abs(rng.standard_normal((b, 5, 8))).astype(np.float32)
+  present = rng.random((b, 5)) < 0.8
+  present[np.arange(b), rng.integers(0, 5, b)] = True
+  return jnp.asarray(z), jnp.asarray(present)
+
+
+@pytest.mark.parametrize("infonce", ["clip", "ntxent"])
+def test_multi_positive_without_duplicates_equals_plain(embeddings, infonce):
+  z, present = embeddings
+  distinct = jnp.arange(z.shape[0], dtype=jnp.int32)  # Every sample its own group.
+  none = -jnp.ones(z.shape[0], jnp.int32)  # No groups at all.
+  for mode in MODES:
+    plain, _ = harmonized_contrastive(z, present, mode=mode, infonce=infonce, temperature=0.1)
+    for groups in (distinct, none):
+      multi, _ = harmonized_contrastive(z, present, mode=mode, infonce=infonce, temperature=0.1,
+                                        positive_groups=groups)
+      np.testing.assert_allclose(float(multi), float(plain), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("infonce", ["clip", "ntxent"])
+def test_multi_positive_matches_supcon_reference(embeddings, infonce):
+  """Duplicated listings: the global form equals the dense SupCon L_out reference
+  (the one the ring form is tested against), and differs from the plain loss."""
+  z, present = embeddings
+  groups = jnp.array([0, 0, 1, 1, 1, -1, 2, 3, 3, -1, 4, 5], jnp.int32)
+  for mode in MODES:
+    multi, _ = harmonized_contrastive(z, present, mode=mode, infonce=infonce, temperature=0.1,
+                                      positive_groups=groups)
+    ref = ref_multi_positive(z, present, mode=mode, infonce=infonce, temperature=0.1,
+                             groups=groups)
+    plain, _ = harmonized_contrastive(z, present, mode=mode, infonce=infonce, temperature=0.1)
+    np.testing.assert_allclose(float(multi), float(ref), rtol=1e-5, atol=1e-5)
+    assert abs(float(multi) - float(plain)) > 1e-3
+
+
+def test_multi_positive_pulls_listings_together():
+  """Two listings of one product with similar embeddings, the others
+  orthogonal: a gradient step on plain InfoNCE pushes the twins apart (each is
+  the other's hardest negative); on multi-positive it pulls them together."""
+  eye = np.eye(8, dtype=np.float32)
+  z = np.stack([eye[0], eye[1], eye[2], eye[3], eye[0] + 0.5 * eye[5]])[:, None, :]
+  z = jnp.asarray(np.tile(z, (1, 5, 1)))  # Sample 4 is a second listing of sample 0.
+  present = jnp.ones((5, 5), bool)
+  groups = jnp.array([7, 1, 2, 3, 7], jnp.int32)
+  kw = dict(mode="uniform", infonce="clip", temperature=0.1)
+
+  def twin_cosine_after_step(groups):
+    grad = jax.grad(lambda z: harmonized_contrastive(z, present, positive_groups=groups, **kw)[0])(z)
+    a, b = (z - 0.1 * grad)[jnp.array([0, 4]), 0]
+    return float(a @ b / jnp.linalg.norm(a) / jnp.linalg.norm(b))
+
+  before = float(z[0, 0] @ z[4, 0] / jnp.linalg.norm(z[0, 0]) / jnp.linalg.norm(z[4, 0]))
+  assert twin_cosine_after_step(None) < before < twin_cosine_after_step(groups)
+
+
+def _model_and_params(config):
+  model = ScaleModel(config)
+  params = model.init(jax.random.key(0), init_batch(config), train=False)["params"]
+  return model, nn.unbox(params)
+
+
+def test_learned_temperature_is_clamped_and_trained():
+  config = tiny_config(**{"loss.learn_temperature": True, "loss.temperature": 0.1,
+                          "loss.min_temperature": 0.05, "batch_size": 4})
+  model, params = _model_and_params(config)
+  np.testing.assert_allclose(float(params["log_inv_temperature"]), np.log(10.0), rtol=1e-6)
+  batch = {k: jnp.asarray(v) for k, v in batch_spec.random_batch(config, 4).items()}
+
+  @jax.jit
+  def run(p):
+    loss_fn = lambda p: compute_loss(model.apply({"params": p}, batch, train=False), batch, config)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+    return metrics["temperature"], grads["log_inv_temperature"]
+
+  temperature, grad = run(params)
+  np.testing.assert_allclose(float(temperature), 0.1, rtol=1e-5)
+  assert float(jnp.abs(grad)) > 0
+  hot = dict(params, log_inv_temperature=jnp.asarray(10.0))  # tau = e^-10: clamped to 0.05.
+  temperature, grad = run(hot)
+  np.testing.assert_allclose(float(temperature), 0.05, rtol=1e-5)
+  assert float(grad) == 0  # Clamped: no gradient pushes it further.
+  assert "log_inv_temperature" not in jax.eval_shape(
+      lambda: ScaleModel(tiny_config()).init(jax.random.key(0), init_batch(tiny_config()),
+                                             train=False))["params"]
+
+
+def _batches(config, data_dir, n):
+  it = iter(pipeline.train_dataset(config, data_dir))
+  return [next(it) for _ in range(n)]
+
+
+def test_modality_dropout_rates_and_never_empty(tiny_dataset):
+  base = tiny_config(**{"data.read_threads": 0})
+  rates = {"text": 0.0, "table": 0.0, "image": 0.5, "video": 0.0, "audio": 0.9}
+  dropped_cfg = tiny_config(**{"data.read_threads": 0})
+  dropped_cfg.data.modality_dropout.update(rates)
+  before = np.concatenate([b["present"] for b in _batches(base, tiny_dataset, 20)])
+  after = np.concatenate([b["present"] for b in _batches(dropped_cfg, tiny_dataset, 20)])
+  assert not np.any(after & ~before)  # Only ever removes.
+  assert np.all(after.any(axis=1) == before.any(axis=1))  # Never the last modality.
+  for name, rate in rates.items():
+    m = INDEX[name]
+    kept = after[before[:, m], m].mean()
+    if rate == 0:
+      assert kept == 1.0
+    else:  # 320 draws: 4 standard deviations (the last-modality rule adds a little).
+      sd = np.sqrt(rate * (1 - rate) / before[:, m].sum())
+      assert abs((1 - kept) - rate) < 4 * sd + 0.02, (name, kept)
+  # Eval batches never drop.
+  eval_batch = next(pipeline.eval_batches(dropped_cfg, tiny_dataset, "test"))
+  eval_base = next(pipeline.eval_batches(base, tiny_dataset, "test"))
+  np.testing.assert_array_equal(eval_batch["present"], eval_base["present"])
+
+
+@pytest.fixture(scope="module")
+def feature_dataset(tmp_path_factory):
+  """A synthetic set where every item with media also has precomputed features,
+  half of them features only (no media files)."""
+  root = tmp_path_factory.mktemp("m5p_features")
+  c = tiny_config()
+  raw, data = str(root / "raw"), str(root / "data")
+  synthetic.generate(raw, 64, seed=1, feature_fraction=1.0, feature_only_fraction=0.5)
+  d = c.data
+  convert.convert(raw, data, image_size=d.image_size, max_frames=d.max_frames, n_mels=d.n_mels,
+                  max_audio_seconds=d.max_audio_seconds, num_shards=1, vocab_size=d.vocab_size,
+                  log=lambda *a, **k: None)
+  return data
+
+
+def _features_config(**overrides):
+  c = tiny_config(**{"data.read_threads": 0, "batch_size": 8, **overrides})
+  for m in ("image", "video", "audio"):
+    c.model.stem[m] = "features"
+  return c
+
+
+def test_feature_stems_read_the_stored_features(feature_dataset):
+  config = _features_config()
+  media = tiny_config(**{"data.read_threads": 0, "batch_size": 8})
+  (fb,), (mb,) = _batches(config, feature_dataset, 1), _batches(media, feature_dataset, 1)
+  shapes = batch_spec.batch_shapes(config, 8)
+  for k, v in fb.items():
+    assert (v.shape, v.dtype) == shapes[k], k
+  assert fb["image"].shape == (8, 5, 64) and fb["audio"].shape == (8, 12, 24)
+  for m in ("image", "video", "audio"):
+    i = INDEX[m]
+    present = fb["present"][:, i]
+    assert present.any(), m
+    np.testing.assert_array_equal(present, fb[f"{m}_mask"].any(axis=1))  # A row = present.
+    assert np.all(fb[m][~fb[f"{m}_mask"]] == 0)  # Padding rows are zero.
+  # Feature-only items: absent with media stems, present with feature stems.
+  assert np.any(fb["present"][:, 2:] & ~mb["present"][:, 2:])
+  np.testing.assert_array_equal(fb["present"][:, :2], mb["present"][:, :2])
+
+
+def test_feature_stems_train(feature_dataset):
+  """The train step on real batches, 'features' image and audio stems beside a
+  'media' video (its frames then get their own image tower; configs/
+  scale_authors.py steps the all-features model in test_configs): finite
+  loss, MRM/MAM predict the input features, and the loss falls."""
+  stems = ("features", "media", "features")
+  config = _features_config(**{"optim.lr": 3e-3})
+  for m, s in zip(("image", "video", "audio"), stems):
+    config.model.stem[m] = s
+  mesh = sharding.make_mesh(config.mesh)
+  model = ScaleModel(config)
+  tx, schedule = optim.make_optimizer(config)
+  state, shardings = state_lib.create_sharded_state(model, tx, config, mesh)
+  batch_shard = sharding.batch_sharding(mesh)
+  batches = _batches(config, feature_dataset, 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
+    step = jax.jit(make_train_step(model, tx, schedule, config),
+                   in_shardings=(shardings, batch_shard),
+                   out_shardings=(shardings, sharding.replicated(mesh)))
+    device_batches = [{k: jax.device_put(v, batch_shard) for k, v in b.items()} for b in batches]
+    losses = []
+    for i in range(6):
+      state, metrics = step(state, device_batches[i % 2])
+      losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses))
+  assert losses[4] < losses[0] and losses[5] < losses[1], losses  # Two batches, alternating.
+  out = model.apply({"params": state.params}, {k: jnp.asarray(v) for k, v in batches[0].items()},
+                    train=False)
+  assert out["mrm_pred"].shape[-1] == 64
+  assert out["mam_pred"].shape[-1] == 24
+  stem_inputs = lambda tower: nn.unbox(state.params[tower]["stem"]["kernel"]).shape[0]
+  assert stem_inputs("image") == 64 and stem_inputs("video_frames") == 8 * 8 * 3
+
+
+def test_authors_demo_config_is_the_demo_with_the_authors_method():
+  demo, authors = load_config("demo"), load_config("scale_authors:demo")
+  assert (authors.model.missing, authors.loss.infonce, authors.loss.multi_positive) == (
+      "zeros", "ntxent", False)
+  assert authors.loss.harmonization == "per_sample_logits" and authors.loss.temperature == 0.07
+  assert authors.model.width == demo.model.width and authors.total_steps == demo.total_steps
+  paper = load_config("scale_authors")
+  assert tuple(paper.data.features.image) == (36, 2048) and paper.data.vocab_size == 21128
+  assert batch_spec.num_image_patches(paper) == 36 and batch_spec.num_audio_patches(paper) == 80
+
+
+# Every method switch trains: tiny model, one device, three steps on one random batch
+# (the loss must fall), compiled without XLA's slow CPU passes (same math).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+VARIANTS = {  # With the default run (test_training) every value of every switch trains.
+    "pair_loss_weights_ntxent_zeros_learned_tau_single_positive_unshared": {
+        "loss.harmonization": "pair_loss_weights", "loss.infonce": "ntxent",
+        "model.missing": "zeros", "loss.learn_temperature": True, "loss.multi_positive": False,
+        "model.share_text_table": False, "model.video_uses_image_stack": False},
+    "uniform": {"loss.harmonization": "uniform"},
+    "authors": "scale_authors:demo",
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_method_variants_train(name):
+  spec = VARIANTS[name]
+  if isinstance(spec, str):  # A config file's variant, at the tiny test size.
+    config = load_config(spec)
+    tiny = tiny_config()
+    config.model.update(tiny.model.to_dict() | {k: config.model[k] for k in (
+        "missing", "share_text_table", "video_uses_image_stack")})
+    config.data.update(tiny.data.to_dict())
+  else:
+    config = tiny_config(**spec)
+  config.update(dict(batch_size=8, total_steps=3))
+  config.optim.update(dict(lr=3e-3, warmup_frac=0.0))
+  config.mesh.update(dict(data=1, fsdp=1, model=1, num_devices=1))
+  mesh = sharding.make_mesh(config.mesh)
+  model = ScaleModel(config)
+  tx, schedule = optim.make_optimizer(config)
+  state, shardings = state_lib.create_sharded_state(model, tx, config, mesh)
+  batch = {k: jnp.asarray(v) for k, v in batch_spec.random_batch(config, 8, seed=1).items()}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
+    step = jax.jit(make_train_step(model, tx, schedule, config)).lower(state, batch).compile(
+        compiler_options=FAST_COMPILE)
+    losses = []
+    for _ in range(3):
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  if config.loss.learn_temperature:
+    assert float(metrics["temperature"]) != pytest.approx(config.loss.temperature, abs=1e-7)
