@@ -42,29 +42,18 @@ AUTHORS_METHOD = {
 }
 
 
-def apply(config, overrides: dict) -> None:
-  """Sets dotted `overrides` ({'loss.infonce': 'ntxent'}) on `config` in place."""
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-
-
 def get_config(variant: str = ""):
-  from m5p.config_loader import load_config  # pylint: disable=import-outside-toplevel
+  from m5p.config_loader import apply_overrides, load_config  # pylint: disable=import-outside-toplevel
   here = os.path.dirname(os.path.abspath(__file__))
   if variant == "demo":
-    c = load_config(os.path.join(here, "demo.py"))
-    apply(c, AUTHORS_METHOD)
+    c = apply_overrides(load_config(os.path.join(here, "demo.py")), AUTHORS_METHOD)
     for m in c.data.modality_dropout:
       c.data.modality_dropout[m] = 0.0
     return c
   if variant:
     raise ValueError(f"configs/scale_authors.py: unknown variant {variant!r} (only 'demo')")
-  c = load_config(os.path.join(here, "scale_base.py"))
-  apply(c, AUTHORS_METHOD)  # scale_base's sizes and recipe (batch 64, lr 1e-4, linear decay) ...
+  # scale_base's sizes and recipe (batch 64, lr 1e-4, linear decay) ...
+  c = apply_overrides(load_config(os.path.join(here, "scale_base.py")), AUTHORS_METHOD)
   c.optim.warmup_frac = 0.1
   c.optim.weight_decay = 0.01
   c.data.text_len = 36  # ... with the authors' inputs.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -21,3 +22,19 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def apply_overrides(config, overrides: Mapping[str, Any] | None):
+  """Sets `{'mesh.data': 1}`-style dotted keys, or nested dicts, on a copy of `config`."""
+  config = config.copy_and_resolve_references()
+  for key, value in (overrides or {}).items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    if isinstance(value, Mapping):
+      for k, v in value.items():
+        node[leaf][k] = v  # One level: e.g. {'mesh': {'data': 1, 'model': 8}}.
+    else:
+      node[leaf] = value
+  return config

@@ -34,6 +34,8 @@ from typing import Any, Mapping, Sequence
 
 from absl import app, flags
 
+from m5p.config_loader import apply_overrides
+
 FLAGS = flags.FLAGS
 
 
@@ -95,22 +97,6 @@ def config_from_json(text: str):
   """The ConfigDict that `config.to_json_best_effort()` wrote (lists -> tuples)."""
   import ml_collections
   return ml_collections.ConfigDict(_tuples(json.loads(text)))
-
-
-def apply_overrides(config, overrides: Mapping[str, Any] | None):
-  """Sets `{'mesh.data': 1}`-style dotted keys, or nested dicts, on a copy of `config`."""
-  config = config.copy_and_resolve_references()
-  for key, value in (overrides or {}).items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    if isinstance(value, Mapping):
-      for k, v in value.items():
-        node[leaf][k] = v  # One level: e.g. {'mesh': {'data': 1, 'model': 8}}.
-    else:
-      node[leaf] = value
-  return config
 
 
 def load_run_config(workdir: str, step: int | None = None):

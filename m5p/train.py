@@ -211,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   log.info("Model: %.2fM parameters.", num_params(state.params) / 1e6)
 
   # ---- Jitted step -----------------------------------------------------------
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
+  rules = sharding.rules(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step_fn = jax.jit(make_train_step(model, tx, schedule, config),
                       in_shardings=(state_shardings, batch_shard),
                       out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -246,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     t0 = time.perf_counter()
     batch = next(train_iter)
     window_wait += time.perf_counter() - t0
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       device_batch = _to_device(batch, batch_shard)
       if compiled_step is None:
         t_compile = time.perf_counter()

@@ -21,15 +21,8 @@ def pytest_configure(config):
 
 def tiny_config(**overrides):
   """The demo config at test size: every test that trains starts from this."""
-  from m5p.config_loader import load_config
-  c = load_config("demo:tiny")
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  from m5p.config_loader import apply_overrides, load_config
+  return apply_overrides(load_config("demo:tiny"), overrides)
 
 
 @pytest.fixture(scope="session")

@@ -130,8 +130,7 @@ def prepare_data(root: str, config, *, products: int, corrupt_modality: str | No
 
 def run_config(variant: Variant, seed: int, settings: dict):
   """The demo config at the ablation's budget, the variant's overrides applied."""
-  from configs.scale_authors import apply  # pylint: disable=import-outside-toplevel
-  from m5p.config_loader import load_config  # pylint: disable=import-outside-toplevel
+  from m5p.config_loader import apply_overrides, load_config  # pylint: disable=import-outside-toplevel
   c = load_config("demo:tiny" if settings["quick"] else "demo")
   c.seed = seed
   c.total_steps = settings["steps"]
@@ -142,8 +141,7 @@ def run_config(variant: Variant, seed: int, settings: dict):
   c.async_checkpointing = False
   c.eval.probe_train_split = ""  # The probe splits the test set: no second embedding pass.
   c.eval.report = False  # Only the numbers are compared.
-  apply(c, dict(variant.overrides))
-  return c
+  return apply_overrides(c, dict(variant.overrides))
 
 
 def final_weights(metrics_path: str, last: int = 3) -> dict[str, float]:
