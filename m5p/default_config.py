@@ -98,6 +98,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'features' (the precomputed `<modality>_feature` arrays, data.features shapes).
   c.model.stem = ml_collections.ConfigDict(dict(image="media", video="media", audio="media"))
   c.model.remat = False  # Recompute each transformer block in the backward pass (less memory).
+  # Each stack as one nn.scan over blocks with parameters stacked on a 'layers'
+  # axis (params blocks/block/... instead of block0..): one compiled block per
+  # stack, and with remat a backward pass that frees each block in turn.
+  c.model.scan_layers = False
 
   c.loss = ml_collections.ConfigDict()
   c.loss.harmonization = "per_sample_logits"  # | 'pair_loss_weights' | 'uniform'

@@ -14,33 +14,36 @@ def compiled_flops(compiled, conditionals: str = "cheapest") -> float:
   """FLOPs of one call of a compiled function per XLA's cost analysis: for an SPMD
   program, one device's share (multiply by the device count for the total).
 
-  XLA counts a conditional as its most expensive branch. m5p's conditionals
-  are the LM head's dense fallback (`ScaleModel._lm_nll`), which a step runs
-  only when a row holds more masked tokens than the picked-position slots: with
-  `conditionals='cheapest'` (default) each conditional's excess, the dot FLOPs
-  of its most expensive branch minus those of its cheapest, is taken off, so
-  the count is that of the step as it normally runs (e.g. ~7% fewer FLOPs for
-  configs/scale_authors.py). 'xla' keeps XLA's figure.
+  Two corrections to XLA's figure, both from the dot FLOPs of the compiled
+  HLO (`dot_flops_correction`):
+  - loops: XLA counts a while loop's body once; its dots are counted
+    `known_trip_count` times (config.model.scan_layers runs each stack as
+    one loop: without this, a 6-layer stack would count as one layer);
+  - conditionals: XLA counts a conditional as its most expensive branch.
+    m5p's are the LM head's dense fallback (`ScaleModel._lm_nll`), which a
+    step runs only when a row holds more masked tokens than the
+    picked-position slots: with `conditionals='cheapest'` (default) its
+    cheapest branch is counted, the step as it normally runs (e.g. ~7%
+    fewer FLOPs for configs/scale_authors.py); 'xla' keeps the dearest.
   """
+  if conditionals not in ("cheapest", "xla"):
+    raise ValueError(f"conditionals={conditionals!r}: expected 'cheapest' or 'xla'")
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   total = float((cost or {}).get("flops", 0.0))
-  if conditionals == "xla":
-    return total
-  if conditionals != "cheapest":
-    raise ValueError(f"conditionals={conditionals!r}: expected 'cheapest' or 'xla'")
   try:
-    excess = conditional_excess_flops(compiled.as_text())
+    correction = dot_flops_correction(compiled.as_text(), cheapest_branch=conditionals == "cheapest")
   except Exception:  # An HLO dialect the parser does not follow: XLA's figure.
     return total
-  return max(total - excess, 0.0)
+  return max(total + correction, 0.0)
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \((.*)\) -> .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _SHAPE = re.compile(r"^[a-z0-9]+\[([\d,]*)\]")
 _PARAM = re.compile(r"([\w.\-]+): ([a-z0-9]+\[[\d,]*\])")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 def _dims(shape: str) -> list[int] | None:
@@ -48,19 +51,24 @@ def _dims(shape: str) -> list[int] | None:
   return [int(d) for d in m.group(1).split(",") if d] if m else None
 
 
-def conditional_excess_flops(hlo_text: str) -> float:
-  """Sum over the conditionals of an HLO module (text) of the dot FLOPs of
-  their most expensive branch minus their cheapest (fusions and calls inside
-  a branch included; dots only: the matmul work that dominates a branch)."""
+def dot_flops_correction(hlo_text: str, cheapest_branch: bool = True) -> float:
+  """The dot FLOPs of an HLO module (text) counted as it runs, minus as XLA's
+  cost analysis counts them: while bodies `known_trip_count` times instead of
+  once (a loop without a known count stays once), and each conditional at its
+  cheapest branch (`cheapest_branch`) instead of its dearest. Fusions, calls
+  and nesting are followed; dots only, the matmul work that dominates."""
   own: dict[str, float] = {}
-  calls: dict[str, list[str]] = {}
-  branches: list[list[str]] = []
-  comp, shapes = None, {}
+  # Per computation: (callee, trip count) pairs, and its conditionals' branch lists.
+  calls: dict[str, list[tuple[str, int]]] = {}
+  branches: dict[str, list[list[str]]] = {}
+  comp, shapes, entry = None, {}, None
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
     if header:
       comp, shapes = header.group(1), {}
-      own[comp], calls[comp] = 0.0, []
+      own[comp], calls[comp], branches[comp] = 0.0, [], []
+      if line.startswith("ENTRY"):
+        entry = comp
       for name, shape in _PARAM.findall(header.group(2)):
         shapes[name] = _dims(shape)
       continue
@@ -76,24 +84,37 @@ def conditional_excess_flops(hlo_text: str) -> float:
       if out is not None and lhs_dims is not None and contracting:
         k = math.prod(lhs_dims[int(c)] for c in contracting.group(1).split(",") if c)
         own[comp] += 2.0 * math.prod(out) * k
+    trips = 1
+    if op == "while":
+      found = _TRIP_COUNT.search(rest)
+      trips = int(found.group(1)) if found else 1
     for key in ("calls", "to_apply", "body", "condition"):
-      calls[comp] += re.findall(rf"{key}=%?([\w.\-]+)", rest)
+      calls[comp] += [(c, trips if key == "body" else 1)
+                      for c in re.findall(rf"{key}=%?([\w.\-]+)", rest)]
     if op == "conditional":
       listed = re.search(r"branch_computations=\{([^}]*)\}", rest)
       names = ([n.strip().lstrip("%") for n in listed.group(1).split(",")] if listed else
                re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", rest))
-      branches.append(names)
-      calls[comp] += names
+      if names:
+        branches[comp].append(names)
 
-  memo: dict[str, float] = {}
+  def count(as_run: bool) -> float:
+    memo: dict[str, float] = {}
 
-  def dot_flops(c: str) -> float:
-    if c not in memo:
-      memo[c] = 0.0  # Guards against cycles.
-      memo[c] = own.get(c, 0.0) + sum(dot_flops(d) for d in calls.get(c, ()))
-    return memo[c]
+    def flops(c: str) -> float:
+      if c not in memo:
+        memo[c] = 0.0  # Guards against cycles.
+        total = own.get(c, 0.0) + sum((n if as_run else 1) * flops(d) for d, n in calls.get(c, ()))
+        for names in branches.get(c, ()):
+          pick = min if (as_run and cheapest_branch) else max
+          total += pick(map(flops, names))
+        memo[c] = total
+      return memo[c]
 
-  return sum(max(map(dot_flops, b)) - min(map(dot_flops, b)) for b in branches if b)
+    roots = [entry] if entry else list(own)
+    return sum(flops(r) for r in roots)
+
+  return count(as_run=True) - count(as_run=False)
 
 
 def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32,

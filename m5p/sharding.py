@@ -37,6 +37,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("patch", None),
     ("norm", None),
     ("modality", None),
+    ("layers", None),  # The stacked blocks of config.model.scan_layers.
 )
 
 

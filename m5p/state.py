@@ -11,7 +11,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from m5p import sharding
+from m5p import host_memory, sharding
 from m5p.models.scale import init_batch
 
 
@@ -42,6 +42,8 @@ def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
     abstract = jax.eval_shape(init, rng)
     shardings = sharding.logical_sharding(abstract, mesh, table)
     state = jax.jit(init, out_shardings=shardings)(rng)
+  jax.block_until_ready(state)
+  host_memory.release()  # The init's freed temporaries (see m5p.host_memory).
   return nn.meta.unbox(state), nn.meta.unbox(shardings)
 
 

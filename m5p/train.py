@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from m5p import accumulation, checkpointing, distributed, flops, optim, sharding
+from m5p import accumulation, checkpointing, distributed, flops, host_memory, optim, sharding
 from m5p.data import convert, pipeline
 from m5p.evaluation import any_modality as any_modality_lib
 from m5p.evaluation import classification as classification_lib
@@ -225,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   if start is not None:
     target = abstract_state(state_shardings, model, tx, config)
     state, meta = ckpt.restore(start, target, train_iter)
+    host_memory.release()  # The fresh state this replaced.
     log.info("Resumed from step %d (%s).", start, ckpt.directory)
   elif config.get("init_from"):
     state = init_from_export(state, state_shardings, config)
@@ -253,6 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
         t_compile = time.perf_counter()
         compiled_step = step_fn.lower(state, device_batch).compile()
         step_flops = flops.compiled_flops(compiled_step)
+        host_memory.release()  # The compiler's freed working memory.
         log.info("Train step compiled in %.1f s: %.3f GFLOP per device per step.",
                  time.perf_counter() - t_compile, step_flops / 1e9)
         distributed.barrier("train_step_compiled")  # Every process compiled: collectives line up.

@@ -213,6 +213,27 @@ def test_feature_stems_train(feature_dataset):
   assert stem_inputs("image") == 64 and stem_inputs("video_frames") == 8 * 8 * 3
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_feature_video_runs_on_the_image_stack_when_shared(shared):
+  """A 'features' video with model.video_uses_image_stack (the authors'): its
+  frame tokens run through the image tower's blocks, and the video has no
+  blocks of its own; unshared, it has its own and the image blocks do not
+  touch it."""
+  config = _features_config(**{"model.video_uses_image_stack": shared})
+  model = ScaleModel(config)
+  batch = {k: jnp.asarray(v) for k, v in batch_spec.random_batch(config, 4, seed=0).items()}
+  batch["present"] = jnp.ones_like(batch["present"])
+  params = nn.unbox(jax.jit(lambda r: model.init({"params": r}, batch, train=False))(
+      jax.random.key(0))["params"])
+  assert ("stack" in params["video"]) != shared
+  assert "video_frames" in params and "stack" not in params["video_frames"]
+  video = jax.jit(lambda p: model.apply({"params": p}, batch, train=False)["unimodal"][:, INDEX["video"]])
+  bumped = jax.tree.map(lambda x: x * 1.5, params["image"]["stack"])
+  moved = np.abs(np.asarray(video({**params, "image": {**params["image"], "stack": bumped}}))
+                 - np.asarray(video(params))).max()
+  assert (moved > 1e-3) == shared, moved
+
+
 def test_authors_demo_config_is_the_demo_with_the_authors_method():
   demo, authors = load_config("demo"), load_config("scale_authors:demo")
   assert (authors.model.missing, authors.loss.infonce, authors.loss.multi_positive) == (

@@ -22,6 +22,7 @@ from conftest import tiny_config
 from m5p import optim, sharding, train
 from m5p import state as state_lib
 from m5p.data import batch_spec
+from m5p.models import scan_layout
 from m5p.losses.total import compute_loss
 from m5p.models.scale import ScaleModel, init_batch
 from m5p.state import TrainState
@@ -82,6 +83,39 @@ def assert_same_step(got, ref, name):
 
 def test_remat_gives_the_same_loss_and_gradients(setup, reference):
   assert_same_step(run(setup, **{"model.remat": True}), reference, "remat")
+
+
+def test_scanned_layers_give_the_same_loss_and_gradients(setup, reference):
+  """model.scan_layers (with remat, as configs/scale_authors.py): the unrolled
+  parameters stacked (scan_layout) give the unrolled step's loss and,
+  unstacked, its gradients; the image stack's CLS-only `split` is covered
+  (the tiny model's frames share it)."""
+  params, batch = setup
+  remat = True
+  c = config(**{"model.scan_layers": True, "model.remat": remat})
+  stacked = scan_layout.stack_blocks(params)
+  shapes = jax.eval_shape(lambda r: ScaleModel(c).init(
+      {"params": r, "dropout": r}, init_batch(c, 1), train=False)["params"], jax.random.key(0))
+  assert jax.tree.structure(meta.unbox(shapes)) == jax.tree.structure(stacked)
+  (loss, metrics), grads = compile_and_run(train.make_value_and_grad(ScaleModel(c), c), stacked,
+                                            batch, jax.random.key(1))
+  grads = jax.tree.map(np.asarray, jax.device_get(scan_layout.unstack_blocks(grads)))
+  assert_same_step((float(loss), jax.device_get(metrics), grads), reference, f"scan remat={remat}")
+
+
+def test_scanned_layers_stack_parameters_on_a_replicated_layers_axis():
+  c = config(**{"model.scan_layers": True})
+  boxed = jax.eval_shape(lambda r: ScaleModel(c).init(
+      {"params": r, "dropout": r}, init_batch(c, 1), train=False)["params"], jax.random.key(0))
+  qkv = boxed["jct"]["blocks"]["block"]["attn"]
+  leaf = jax.tree.leaves(qkv, is_leaf=lambda x: isinstance(x, meta.Partitioned))[0]
+  assert leaf.names[0] == "layers" and leaf.value.shape[0] == c.model.fusion_layers
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=4, model=2, num_devices=8)))
+  spec = sharding.logical_sharding(leaf, mesh, sharding.rules(c)).spec
+  assert spec[0] is None, spec  # The layers axis replicated, the others as unrolled.
+  assert tuple(spec[1:]) == tuple(sharding.logical_sharding(
+      meta.Partitioned(jax.ShapeDtypeStruct(leaf.value.shape[1:], leaf.value.dtype), leaf.names[1:]),
+      mesh, sharding.rules(c)).spec)
 
 
 @pytest.mark.parametrize("accum_steps", [2, 4])

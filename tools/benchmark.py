@@ -18,7 +18,7 @@ the trainer does, fed one random batch of the config's shapes
                 XLA's own figure, which counts it)
   TFLOP/s/dev   those FLOPs / step time
   peak          per device: on CPU the fp32 (config.model.dtype) matmul rate
-                measured in the same process right before the step (emulated
+                measured in the same process before and after the steps, the higher (emulated
                 devices share the machine, so it is divided among them); on
                 GPU/TPU the bf16 data-sheet figure (m5p.flops.device_peak)
   MFU           TFLOP/s/dev / peak
@@ -95,7 +95,7 @@ def bench_one(config, batch_size: int, steps: int, warmup: int, rss_start: int) 
   import numpy as np
   from flax import linen as nn
 
-  from m5p import flops, optim, sharding, state as state_lib
+  from m5p import flops, host_memory, optim, sharding, state as state_lib
   from m5p.data import batch_spec
   from m5p.models.scale import ScaleModel
   from m5p.train import make_train_step
@@ -120,6 +120,7 @@ def bench_one(config, batch_size: int, steps: int, warmup: int, rss_start: int) 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    host_memory.release()  # As the trainer does after compiling.
     step_flops = flops.compiled_flops(compiled)  # One device's share, as the step normally runs.
     xla_flops = flops.compiled_flops(compiled, conditionals="xla")
     mem = compiled.memory_analysis()
@@ -139,6 +140,12 @@ def bench_one(config, batch_size: int, steps: int, warmup: int, rss_start: int) 
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - t0)
       cpu_times.append(time.process_time() - c0)
+    # Measured again after the steps, the better of the two kept: one dip (a
+    # busy neighbour, a frequency drop) would otherwise inflate the MFU.
+    peak = max(peak, flops.device_peak(str(config.model.dtype))[0])
+    if on_cpu:
+      cpu_peak = max(cpu_peak, flops.measure_matmul_peak(
+          dtype=jax.numpy.dtype(str(config.model.dtype)), clock=time.process_time))
   step_s = float(np.median(times))
   loss = float(jax.device_get(metrics["loss"]))
   out = {

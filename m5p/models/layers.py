@@ -425,16 +425,43 @@ class Block(nn.Module):
 RematBlock = nn.remat(Block, static_argnums=(3, 4))
 
 
+class _ScannedBlock(nn.Module):
+  """One step of `nn.scan` over an Encoder's blocks: (x, key_mask) -> (x, None)."""
+  heads: int
+  mlp_ratio: int
+  dtype: Dtype
+  dropout: float
+  remat: bool
+  train: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array, key_mask: jax.Array):
+    block_cls = RematBlock if self.remat else Block
+    x = block_cls(self.heads, self.mlp_ratio, self.dtype, self.dropout, name="block")(
+        x, key_mask, self.train, None)
+    return x, None
+
+
 class Encoder(nn.Module):
   """`layers` pre-LN blocks and a final LayerNorm; `remat` recomputes each
   block in the backward pass (config.model.remat; same parameters, values and
-  gradients)."""
+  gradients).
+
+  `scan` (config.model.scan_layers) runs the blocks as one `nn.scan` over
+  parameters stacked on a leading 'layers' axis (params `blocks/block/...`
+  [layers, ...] instead of `block0` .. `block{n-1}`): XLA compiles one block
+  per stack instead of every layer (the compile time of deep configs drops
+  several-fold), and with `remat` the loop forces the backward pass to
+  recompute and free one block at a time, whatever the backend's scheduler
+  does (XLA:CPU's otherwise hoists the recomputation; see RematBlock). The
+  values are those of the unrolled stack (dropout masks differ)."""
   layers: int
   heads: int
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
   remat: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array, *, train: bool,
@@ -449,6 +476,8 @@ class Encoder(nn.Module):
     n_full, L, D], cls [N/group, group - n_full, D]), the same values as
     slicing the full outputs."""
     x = x.astype(self.dtype)
+    if self.scan and self.layers > 0:
+      return self._scanned(x, key_mask, train=train, split=split)
     # With dropout in training the CLS-only last block would draw other masks.
     exact_split = split is not None and self.layers > 0 and not (self.dropout > 0.0 and train)
     block_cls = RematBlock if self.remat else Block
@@ -477,6 +506,24 @@ class Encoder(nn.Module):
     cls = blocks[-1](rows(x, n_full, group), rows(key_mask, n_full, group), train, 1)
     cls = constrain(ln_final(cls)).reshape(n // group, group - n_full, d)
     return full, cls
+
+  def _scanned(self, x: jax.Array, key_mask: jax.Array, *, train: bool,
+               split: tuple[int, int] | None):
+    """The blocks as one scan. A `split` computes every position of the last
+    block too (the CLS-only shortcut needs the last block unrolled)."""
+    stack = nn.scan(
+        _ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast, length=self.layers,
+        metadata_params={nn.PARTITION_NAME: "layers"})(
+            self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat, train, name="blocks")
+    x, _ = stack(x, key_mask)
+    x = constrain(layer_norm(self.dtype, "ln_final")(x))
+    if split is None:
+      return x
+    group, n_full = split
+    n, length, d = x.shape
+    x = x.reshape(n // group, group, length, d)
+    return x[:, :n_full], x[:, n_full:, 0]
 
 
 class LearnedEmbedding(nn.Module):

@@ -36,8 +36,15 @@ non-finite values there reach nothing, forward or backward.
 Stems (config.model.stem): 'media' reads pixels / frames / log-mel;
 'features' reads the precomputed features the converter stores (image
 regions, per-second video and audio features), one token per row, through a
-dense stem. Frames share the image tower only when both are 'media'; a
-'features' video feeds its frame tokens straight to the temporal blocks.
+dense stem. With model.video_uses_image_stack, 'media' frames go through the
+whole image tower (in the same call as the image) before the video's own
+temporal blocks; a 'features' video's frame tokens (with the video [CLS] and
+positions) go through the image tower's blocks instead of temporal blocks of
+their own, as the authors run their S3D features.
+
+model.scan_layers: every stack runs as one scan over stacked parameters
+(layers.Encoder): faster compiles, and with model.remat a backward pass that
+holds one block's activations at a time.
 
 The JCT adds a learned modality-type embedding to each segment; the towers
 already carry positions, so the JCT adds no positions of its own.
@@ -74,9 +81,10 @@ class ScaleModel(nn.Module):
     self.dtype = layers.compute_dtype(m.dtype)
     d, heads, r, drop = m.width, m.heads, m.mlp_ratio, m.dropout
     remat = bool(m.get("remat", False))  # Every tower's and the JCT's blocks.
+    scan = bool(m.get("scan_layers", False))
 
     def encoder(n):
-      return towers.encoder(n, heads, r, self.dtype, drop, remat)
+      return towers.encoder(n, heads, r, self.dtype, drop, remat, scan)
 
     self.word_embed = nn.Embed(
         c.data.vocab_size, d, dtype=self.dtype, param_dtype=jnp.float32,
@@ -91,16 +99,16 @@ class ScaleModel(nn.Module):
                                    c.data.max_fields, d, self.dtype, drop)
     self.stems = {k: batch_spec.stem(c, k) for k in ("image", "video", "audio")}
     self.image = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype, drop,
-                                   remat, stem=self.stems["image"])
+                                   remat, stem=self.stems["image"], scan=scan)
     if self.stems["video"] == "features":
       self.video_frames = towers.FeatureFrames(d, self.dtype)
     elif not self._frames_share_image_tower():
       self.video_frames = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype,
-                                            drop, remat)
+                                            drop, remat, scan=scan)
     self.video = towers.VideoTower(c.data.max_frames, m.video_layers, d, heads, r, self.dtype, drop,
-                                   remat)
+                                   remat, scan, own_stack=not self._video_runs_image_stack())
     self.audio = towers.AudioTower(tuple(m.audio_patch), m.audio_layers, d, heads, r, self.dtype,
-                                   drop, remat, stem=self.stems["audio"])
+                                   drop, remat, stem=self.stems["audio"], scan=scan)
     if c.loss.get("learn_temperature", False):
       # log(1 / tau), clamped at use to tau >= loss.min_temperature (CLIP's logit scale).
       self.log_inv_temperature = self.param(
@@ -128,6 +136,13 @@ class ScaleModel(nn.Module):
     with pixel stems for both (a 'features' image tower cannot read frames)."""
     return (bool(self.config.model.video_uses_image_stack)
             and self.stems["image"] == self.stems["video"] == "media")
+
+  def _video_runs_image_stack(self) -> bool:
+    """A 'features' video with config.model.video_uses_image_stack: its frame
+    tokens run through the image tower's blocks instead of temporal blocks of
+    their own (the authors run the video features through the image stack;
+    model.video_layers is then unused)."""
+    return bool(self.config.model.video_uses_image_stack) and self.stems["video"] == "features"
 
   # ---------------------------------------------------------------------------
   def _lm_logits(self, x: jax.Array) -> jax.Array:
@@ -213,6 +228,9 @@ class ScaleModel(nn.Module):
                                                  train=train, split=(t, 0))
     video_tokens, video_km = self.video(frame_tokens, tower_mask(batch["video_mask"], 3),
                                         train=train)
+    if self._video_runs_image_stack():
+      video_tokens, _ = self.image(video_tokens, None, train=train, token_mask=video_km,
+                                   embedded=True)
     audio = fill(jnp.asarray(batch["audio"], jnp.float32), 4)
     audio_tokens, audio_km = self.audio(
         audio, tower_mask(batch["audio_mask"], 4), fill(jnp.asarray(batch["audio_zero"], bool), 4),

@@ -102,10 +102,12 @@ def embed_tokens_lookup(word_embed: nn.Module, ids: jax.Array) -> jax.Array:
 
 
 def encoder(num_layers: int, heads: int, mlp_ratio: int, dtype: Dtype, dropout: float,
-            remat: bool = False, name: str | None = None) -> nn.Module:
+            remat: bool = False, scan: bool = False, name: str | None = None) -> nn.Module:
   """A transformer stack; `remat` (config.model.remat) recomputes each block
-  in the backward pass. Same parameter tree either way."""
-  return layers.Encoder(num_layers, heads, mlp_ratio, dtype, dropout, remat, name=name)
+  in the backward pass (same parameter tree either way); `scan`
+  (config.model.scan_layers) runs the blocks as one loop over stacked
+  parameters (see layers.Encoder)."""
+  return layers.Encoder(num_layers, heads, mlp_ratio, dtype, dropout, remat, scan, name=name)
 
 
 def _true_first(mask: jax.Array) -> jax.Array:
@@ -132,7 +134,7 @@ class TextTower(nn.Module):
     length = ids.shape[1]
     pos = layers.LearnedEmbedding(self.max_len, self.width, name="pos")()[:length]
     x = embed_tokens_lookup(self.word_embed, ids) + pos.astype(self.dtype)[None]
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = layers.Dropout(self.dropout)(x, deterministic=not train)
     return layers.constrain(x), _true_first(mask)
 
   def __call__(self, ids: jax.Array, mask: jax.Array, *, train: bool):
@@ -159,7 +161,7 @@ class TableTower(nn.Module):
     fld = layers.LearnedEmbedding(self.max_fields, self.width, name="field")()
     x = (embed_tokens_lookup(self.word_embed, ids) + pos.astype(self.dtype)[None]
          + _lookup(seg, segment, self.dtype) + _lookup(fld, field, self.dtype))
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = layers.Dropout(self.dropout)(x, deterministic=not train)
     return layers.constrain(x), _true_first(mask)
 
   def __call__(self, ids, mask, segment, field, *, train: bool):
@@ -185,14 +187,24 @@ class ImageTower(nn.Module):
   dropout: float = 0.0
   remat: bool = False  # Rematerialise each block (config.model.remat).
   stem: str = "media"  # | 'features'
+  scan: bool = False  # One scan over the blocks (config.model.scan_layers).
 
   @nn.compact
   def __call__(self, pixels: jax.Array, zero: jax.Array | None, *, train: bool,
-               split: tuple[int, int] | None = None, token_mask: jax.Array | None = None):
+               split: tuple[int, int] | None = None, token_mask: jax.Array | None = None,
+               embedded: bool = False):
     """pixels: [N, H, W, 3] float (already normalised), or features [N, Ni, Di]
     (stem='features'); zero: [N, Ni] bool or None; token_mask: [N, Ni] real
     tokens (None: all). Returns (tokens [N, 1 + Ni, D], key_mask); with
-    `split` (see layers.Encoder) the tokens are its (full, cls) pair instead."""
+    `split` (see layers.Encoder) the tokens are its (full, cls) pair instead.
+
+    embedded=True: `pixels` are a stack input [N, L, D] that another tower
+    embedded and `token_mask` its key mask [N, L]; only this tower's blocks
+    run on them (a 'features' video on the image stack, as the authors')."""
+    if embedded:
+      x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
+                  self.scan, name="stack")(layers.constrain(pixels), token_mask, train=train)
+      return x, token_mask
     if self.stem == "features":
       patches = pixels.astype(jnp.float32)
     else:
@@ -203,12 +215,12 @@ class ImageTower(nn.Module):
     cls = layers.LearnedEmbedding(1, self.width, name="cls")()
     pos = layers.LearnedEmbedding(x.shape[1] + 1, self.width, name="pos")()
     x = _with_cls(cls, x) + pos.astype(self.dtype)[None]
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = layers.Dropout(self.dropout)(x, deterministic=not train)
     key_mask = jnp.ones(x.shape[:2], bool)
     if token_mask is not None:
       key_mask = key_mask.at[:, 1:].set(token_mask)
     x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
-                name="stack")(layers.constrain(x), key_mask, train=train, split=split)
+                self.scan, name="stack")(layers.constrain(x), key_mask, train=train, split=split)
     return x, key_mask
 
 
@@ -228,6 +240,8 @@ class VideoTower(nn.Module):
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
   remat: bool = False
+  scan: bool = False
+  own_stack: bool = True  # False: return the blocks' input; the caller runs a shared stack.
 
   @nn.compact
   def __call__(self, frame_tokens, frame_mask, *, train: bool):
@@ -236,10 +250,12 @@ class VideoTower(nn.Module):
     cls = layers.LearnedEmbedding(1, self.width, name="cls")()
     pos = layers.LearnedEmbedding(self.max_frames + 1, self.width, name="pos")()[:t + 1]
     x = _with_cls(cls, frame_tokens.astype(self.dtype)) + pos.astype(self.dtype)[None]
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = layers.Dropout(self.dropout)(x, deterministic=not train)
     key_mask = jnp.concatenate([jnp.ones((b, 1), bool), frame_mask], axis=1)
+    if not self.own_stack:
+      return layers.constrain(x), key_mask
     x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
-                name="stack")(layers.constrain(x), key_mask, train=train)
+                self.scan, name="stack")(layers.constrain(x), key_mask, train=train)
     return x, key_mask
 
 
@@ -277,6 +293,7 @@ class AudioTower(nn.Module):
   dropout: float = 0.0
   remat: bool = False
   stem: str = "media"  # | 'features'
+  scan: bool = False
 
   @nn.compact
   def __call__(self, logmel, patch_mask, zero, *, train: bool):
@@ -290,8 +307,8 @@ class AudioTower(nn.Module):
     cls = layers.LearnedEmbedding(1, self.width, name="cls")()
     pos = layers.LearnedEmbedding(x.shape[1] + 1, self.width, name="pos")()
     x = _with_cls(cls, x) + pos.astype(self.dtype)[None]
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = layers.Dropout(self.dropout)(x, deterministic=not train)
     key_mask = jnp.concatenate([jnp.ones((x.shape[0], 1), bool), patch_mask], axis=1)
     x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
-                name="stack")(layers.constrain(x), key_mask, train=train)
+                self.scan, name="stack")(layers.constrain(x), key_mask, train=train)
     return x, key_mask
