@@ -1,6 +1,6 @@
 """SCALE's claims, reproduced by one command, and m5p's decisions against the authors'.
 
-  python tools/ablate.py --output_dir=/tmp/m5p_ablation            # ~60 min on 2 CPU cores
+  python tools/ablate.py --output_dir=/tmp/m5p_ablation            # ~49 min on 2 CPU cores
   python tools/ablate.py --output_dir=/tmp/m5p_ablation_quick --quick   # a minute: CI's form
 
 On a synthetic M5Product (generated and converted once; a second copy with
