@@ -127,12 +127,18 @@ def bench_one(config, batch_size: int, steps: int, warmup: int, rss_start: int) 
     for _ in range(max(warmup, 0)):
       state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
-    # The peak right before the timed steps: the same load as they see.
-    peak, peak_source = flops.device_peak(str(config.model.dtype))
     on_cpu = jax.devices()[0].platform == "cpu"
-    if on_cpu:  # FLOP per CPU-second of this process: see the module docstring.
-      cpu_peak = flops.measure_matmul_peak(dtype=jax.numpy.dtype(str(config.model.dtype)),
-                                           clock=time.process_time)
+
+    def measure_peaks() -> tuple[float, str, float | None]:
+      """(peak FLOP/s, its source, on CPU the FLOP per CPU-second of this
+      process: see the module docstring)."""
+      peak, source = flops.device_peak(str(config.model.dtype))
+      cpu_peak = (flops.measure_matmul_peak(dtype=jax.numpy.dtype(str(config.model.dtype)),
+                                            clock=time.process_time) if on_cpu else None)
+      return peak, source, cpu_peak
+
+    # Right before the timed steps: the same load as they see.
+    peak, peak_source, cpu_peak = measure_peaks()
     times, cpu_times = [], []
     for _ in range(steps):
       t0, c0 = time.perf_counter(), time.process_time()
@@ -142,10 +148,10 @@ def bench_one(config, batch_size: int, steps: int, warmup: int, rss_start: int) 
       cpu_times.append(time.process_time() - c0)
     # Measured again after the steps, the better of the two kept: one dip (a
     # busy neighbour, a frequency drop) would otherwise inflate the MFU.
-    peak = max(peak, flops.device_peak(str(config.model.dtype))[0])
+    after, _, cpu_after = measure_peaks()
+    peak = max(peak, after)
     if on_cpu:
-      cpu_peak = max(cpu_peak, flops.measure_matmul_peak(
-          dtype=jax.numpy.dtype(str(config.model.dtype)), clock=time.process_time))
+      cpu_peak = max(cpu_peak, cpu_after)
   step_s = float(np.median(times))
   loss = float(jax.device_get(metrics["loss"]))
   out = {

@@ -201,10 +201,10 @@ class ImageTower(nn.Module):
     embedded=True: `pixels` are a stack input [N, L, D] that another tower
     embedded and `token_mask` its key mask [N, L]; only this tower's blocks
     run on them (a 'features' video on the image stack, as the authors')."""
+    stack = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
+                    self.scan, name="stack")
     if embedded:
-      x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
-                  self.scan, name="stack")(layers.constrain(pixels), token_mask, train=train)
-      return x, token_mask
+      return stack(layers.constrain(pixels), token_mask, train=train), token_mask
     if self.stem == "features":
       patches = pixels.astype(jnp.float32)
     else:
@@ -219,9 +219,7 @@ class ImageTower(nn.Module):
     key_mask = jnp.ones(x.shape[:2], bool)
     if token_mask is not None:
       key_mask = key_mask.at[:, 1:].set(token_mask)
-    x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
-                self.scan, name="stack")(layers.constrain(x), key_mask, train=train, split=split)
-    return x, key_mask
+    return stack(layers.constrain(x), key_mask, train=train, split=split), key_mask
 
 
 # ------------------------------------------------------------------- video --
