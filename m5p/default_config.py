@@ -98,6 +98,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'features' (the precomputed `<modality>_feature` arrays, data.features shapes).
   c.model.stem = ml_collections.ConfigDict(dict(image="media", video="media", audio="media"))
   c.model.remat = False  # Recompute each transformer block in the backward pass (less memory).
+  # With remat: recompute each block by slices of at most this many sequences
+  # of the global batch, one after another (a block's activations held one
+  # slice at a time; same FLOPs). 0: the whole batch at once.
+  c.model.remat_rows = 0
   # Each stack as one nn.scan over blocks with parameters stacked on a 'layers'
   # axis (params blocks/block/... instead of block0..): one compiled block per
   # stack, and with remat a backward pass that frees each block in turn.

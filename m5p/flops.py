@@ -20,7 +20,7 @@ def compiled_flops(compiled, conditionals: str = "cheapest") -> float:
     `known_trip_count` times (config.model.scan_layers runs each stack as
     one loop: without this, a 6-layer stack would count as one layer);
   - conditionals: XLA counts a conditional as its most expensive branch.
-    m5p's are the LM head's dense fallback (`ScaleModel._lm_nll`), which a
+    m5p's are the LM head's fallback (`ScaleModel._lm_nll`), which a
     step runs only when a row holds more masked tokens than the
     picked-position slots: with `conditionals='cheapest'` (default) its
     cheapest branch is counted, the step as it normally runs (e.g. ~7%

@@ -2,12 +2,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# 8 emulated devices share 2 cores: a collective's participants can arrive far
-# apart under load, and XLA:CPU aborts the process when one waits past its
-# terminate timeout (suspected cause of a rare abort in tests/test_ring_loss.py).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
+                           " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402

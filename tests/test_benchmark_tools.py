@@ -79,7 +79,7 @@ def test_benchmark_prints_step_table_and_json(tmp_path):
   assert re.search(r"^machine: .*\d+ CPUs.*load average", out, re.M) and "devices: 1 x" in out
   _numbers(rf"^peak: measured float32 matmul {_NUM} GFLOP/s", out)
   # Row: batch, compile s, step s, samples/s, per device, GFLOP/dev, TFLOP/s/dev, peak, MFU %,
-  # MFU(cpu) %, peak RSS GiB, growth GiB, XLA temp + argument GiB.
+  # MFU(cpu) %, peak RSS GiB, the steps' peak RSS GiB, XLA temp + argument GiB.
   row = rf"^ +{{b}} +{_NUM} +{_NUM} +{_NUM} +{_NUM} +{_NUM} +{_NUM} +{_NUM} +{_NUM}% +{_NUM}% +{_NUM} +{_NUM} +{_NUM}$"
   _numbers(row.format(b=4), out)
   _numbers(row.format(b=8), out)
@@ -90,5 +90,7 @@ def test_benchmark_prints_step_table_and_json(tmp_path):
     assert r["step_s"] > 0 and 0 < r["mfu"] < 1.5 and 0 < r["mfu_cpu_time"] < 1.5
     assert math.isfinite(r["loss"])
     assert r["gflop_per_step_per_device"] > 0 and r["peak_rss_bytes"] > r["rss_growth_bytes"] > 0
+    # The steps' own peak: at least the state and the batch, at most the lifetime peak.
+    assert 0 < r["step_peak_rss_bytes"] <= r["peak_rss_bytes"]
   # FLOPs grow with the batch (the per-row work dominates).
   assert results[1]["gflop_per_step_per_device"] > 1.5 * results[0]["gflop_per_step_per_device"]

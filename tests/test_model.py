@@ -19,7 +19,7 @@ from m5p.data import batch_spec
 from m5p.losses.total import compute_loss
 from m5p.modalities import MODALITIES, PAIR_NAMES
 from m5p.models import towers
-from m5p.models.scale import ScaleModel, init_batch
+from m5p.models.scale import ScaleModel, init_batch, lm_pick_capacity
 
 B = 6
 FAST = dict(image_layers=0, audio_layers=0)  # Layers dropped from the compiled test model.
@@ -164,6 +164,53 @@ def test_zeros_mode_differs_only_with_absent_modalities(setup):
   diff = np.abs(zeros["pooled"] - pooled).max(-1)
   assert np.all(diff[~full][present[~full]] > 1e-4)
   assert np.all(zeros["pooled"][~present] == 0.0)
+
+
+def _nll_from_logits(out, batch, config):
+  """The LM cross-entropy from the full logits, at the picked positions: the reference."""
+  nll = []
+  for m, name in enumerate(("text", "table")):
+    logits = out["mlm_logits" if m == 0 else "mem_logits"]
+    targets = jnp.clip(jnp.asarray(batch[f"{name}_targets"]), 0, config.data.vocab_size - 1)
+    token = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    picked = jnp.asarray(batch[f"{name}_loss_mask"], bool) & jnp.asarray(batch["present"])[:, m:m + 1]
+    nll.append(jnp.where(picked, token, 0.0))
+  return jnp.concatenate(nll, axis=1)
+
+
+def test_lm_head_on_picked_positions_matches_the_full_logits(setup):
+  """mlm_nll / mem_nll (the head on the picked slots, or with a row holding
+  more picks than slots the chunked fallback) equal the cross-entropy of the
+  full logits, values and gradients."""
+  config, _, params, _, batch, _ = setup
+  capacity = lm_pick_capacity(config)
+  assert capacity < config.data.text_len + config.data.table_len
+  model = ScaleModel(config)
+  weights = jnp.asarray(np.random.default_rng(3).uniform(
+      0.5, 1.5, (B, config.data.text_len + config.data.table_len)), jnp.float32)
+
+  def total(p, batch, from_logits):
+    out = model.apply(p, batch, train=False)
+    nll = (_nll_from_logits(out, batch, config) if from_logits
+           else jnp.concatenate([out["mlm_nll"], out["mem_nll"]], axis=1))
+    return jnp.sum(nll * weights), nll
+
+  @jax.jit
+  def both(p, batch):
+    return (jax.grad(total, has_aux=True)(p, batch, False),
+            jax.grad(total, has_aux=True)(p, batch, True))
+
+  overflow = {k: v.copy() for k, v in batch.items()}
+  overflow["text_loss_mask"][0] = True  # Row 0 (all modalities present) picks every
+  overflow["table_loss_mask"][0] = True  # text and table position.
+  for b, over in ((batch, False), (overflow, True)):
+    picks = b["text_loss_mask"].sum(1) + b["table_loss_mask"].sum(1)
+    assert (picks.max() > capacity) == over and picks.sum() > 0
+    (g_picked, nll_picked), (g_full, nll_full) = both(params, b)
+    assert float(jnp.abs(nll_full).sum()) > 0
+    np.testing.assert_allclose(np.asarray(nll_picked), np.asarray(nll_full), rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(np.asarray(a), np.asarray(c),
+                                                         rtol=1e-4, atol=1e-6), g_picked, g_full)
 
 
 def test_parameters_carry_logical_axis_names():

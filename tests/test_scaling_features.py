@@ -22,7 +22,7 @@ from conftest import tiny_config
 from m5p import optim, sharding, train
 from m5p import state as state_lib
 from m5p.data import batch_spec
-from m5p.models import scan_layout
+from m5p.models import layers, scan_layout
 from m5p.losses.total import compute_loss
 from m5p.models.scale import ScaleModel, init_batch
 from m5p.state import TrainState
@@ -81,18 +81,27 @@ def assert_same_step(got, ref, name):
                                err_msg=f"{name} {jax.tree_util.keystr(path)}")
 
 
-def test_remat_gives_the_same_loss_and_gradients(setup, reference):
-  assert_same_step(run(setup, **{"model.remat": True}), reference, "remat")
+@pytest.mark.parametrize("rows", [0, 3])
+def test_remat_gives_the_same_loss_and_gradients(setup, reference, rows):
+  """Whole-batch remat, and remat by slices of at most 3 rows (each stack
+  cuts its rows into the fewest slices that divide them: 4 slices of 2 for
+  a batch of 8)."""
+  assert_same_step(run(setup, **{"model.remat": True, "model.remat_rows": rows}), reference,
+                   f"remat rows={rows}")
+
+
+def test_remat_slices_divide_the_rows():
+  assert [layers.remat_slices(n, 16) for n in (8, 16, 64, 65, 96)] == [1, 1, 4, 5, 6]
+  assert layers.remat_slices(7, 3) == 7 and layers.remat_slices(12, 5) == 3
 
 
 def test_scanned_layers_give_the_same_loss_and_gradients(setup, reference):
-  """model.scan_layers (with remat, as configs/scale_authors.py): the unrolled
-  parameters stacked (scan_layout) give the unrolled step's loss and,
-  unstacked, its gradients; the image stack's CLS-only `split` is covered
-  (the tiny model's frames share it)."""
+  """model.scan_layers (with remat by batch slices, as configs/scale_authors.py):
+  the unrolled parameters stacked (scan_layout) give the unrolled step's loss
+  and, unstacked, its gradients; the image stack's CLS-only `split` is
+  covered (the tiny model's frames share it)."""
   params, batch = setup
-  remat = True
-  c = config(**{"model.scan_layers": True, "model.remat": remat})
+  c = config(**{"model.scan_layers": True, "model.remat": True, "model.remat_rows": 4})
   stacked = scan_layout.stack_blocks(params)
   shapes = jax.eval_shape(lambda r: ScaleModel(c).init(
       {"params": r, "dropout": r}, init_batch(c, 1), train=False)["params"], jax.random.key(0))
@@ -100,7 +109,7 @@ def test_scanned_layers_give_the_same_loss_and_gradients(setup, reference):
   (loss, metrics), grads = compile_and_run(train.make_value_and_grad(ScaleModel(c), c), stacked,
                                             batch, jax.random.key(1))
   grads = jax.tree.map(np.asarray, jax.device_get(scan_layout.unstack_blocks(grads)))
-  assert_same_step((float(loss), jax.device_get(metrics), grads), reference, f"scan remat={remat}")
+  assert_same_step((float(loss), jax.device_get(metrics), grads), reference, "scan remat rows=4")
 
 
 def test_scanned_layers_stack_parameters_on_a_replicated_layers_axis():
@@ -265,7 +274,6 @@ def test_dropout_hash_rate_and_attention_gradients():
   values and gradients for that mask. (One jitted program: eager ops would
   each compile.)"""
   from jax.extend.random import threefry_2x32
-  from m5p.models import layers
   b, h, l, k = 2, 3, 7, 4
   bias = jnp.where(jnp.arange(l) < 5, 0.0, layers.MASK_VALUE)[None].repeat(b, 0)
   _, kp = layers.keep_mask(jax.random.key(9), (1,), 0.3)

@@ -75,6 +75,8 @@ def test_short_training_lowers_the_loss(tiny_dataset, tmp_path):
 
 
 def test_loss_and_gradients_equal_across_meshes():
+  """The pretraining loss and its gradients on 8 devices (data, 2x2x2, fsdp,
+  and 2x2x2 with the ring contrastive loss) equal one device's."""
   from flax import linen as nn
   from m5p import optim, sharding, state as state_lib
   from m5p.data import batch_spec
@@ -83,9 +85,10 @@ def test_loss_and_gradients_equal_across_meshes():
 
   host_batch = batch_spec.random_batch(tiny_config(), 16, seed=3)
   results = {}
-  meshes = dict(MESHES, fsdp8=dict(data=1, fsdp=8))
+  # 'ring_2x2x2': the contrastive loss as the shard_map ring (loss.implementation).
+  meshes = dict(MESHES, fsdp8=dict(data=1, fsdp=8), ring_2x2x2=MESHES["2x2x2"])
   for name, mesh_cfg in meshes.items():
-    c = tiny_config()
+    c = tiny_config(**({"loss.implementation": "ring"} if name.startswith("ring") else {}))
     c.mesh.update(dict(data=-1, fsdp=1, model=1, num_devices=-1))
     c.mesh.update(mesh_cfg)
     mesh = sharding.make_mesh(c.mesh)
@@ -109,7 +112,7 @@ def test_loss_and_gradients_equal_across_meshes():
       loss, grads = grad_fn(state.params, batch)
     results[name] = (float(loss), jax.tree.map(np.asarray, jax.device_get(grads)))
   ref_loss, ref_grads = results["one_device"]
-  for name in ("data8", "2x2x2", "fsdp8"):
+  for name in ("data8", "2x2x2", "fsdp8", "ring_2x2x2"):
     loss, grads = results[name]
     assert abs(loss - ref_loss) / abs(ref_loss) < 1e-5, name
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):

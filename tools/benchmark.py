@@ -14,7 +14,7 @@ the trainer does, fed one random batch of the config's shapes
   samples/s     global, and per device
   GFLOP/dev     one step's FLOPs per device, from XLA's cost analysis of the
                 compiled step (m5p.flops.compiled_flops: the LM head's rarely
-                taken dense fallback branch is not counted; the JSON also has
+                taken fallback branch is not counted; the JSON also has
                 XLA's own figure, which counts it)
   TFLOP/s/dev   those FLOPs / step time
   peak          per device: on CPU the fp32 (config.model.dtype) matmul rate
@@ -26,9 +26,12 @@ the trainer does, fed one random batch of the config's shapes
                 process (the step's own CPU time against a matmul's): other
                 processes' turns on the cores change it much less than the
                 wall-clock MFU, so it is the figure to read on a busy machine
-  memory        on CPU: the process's peak RSS (and its growth since start-up,
-                before the state is built), and XLA's compiled temp + argument
-                bytes per device; on GPU/TPU: the devices' peak_bytes_in_use
+  memory        on CPU: the process's peak RSS over its whole life (start-up,
+                state, compiling, steps), the timed steps' own peak RSS
+                ('steps': Linux's VmHWM reset before them; the JSON also has
+                the growth since start-up), and XLA's compiled temp +
+                argument bytes per device; on GPU/TPU: the devices'
+                peak_bytes_in_use
 
 Peak RSS only grows within a process, so by default (`--isolate`) each batch
 size runs in its own child process (same flags, one batch size) and each row's
@@ -74,6 +77,29 @@ def _current_rss_bytes() -> int:
       return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
   except OSError:
     return _rss_bytes()
+
+
+def _reset_peak_rss() -> bool:
+  """Linux: resets the process's RSS high-water mark (VmHWM) to its current
+  RSS, so that `_peak_rss_since_reset` sees only what follows (the steps,
+  not initialisation or compiling). False where the kernel refuses."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _peak_rss_since_reset() -> int | None:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
 
 
 def machine() -> dict:
@@ -140,12 +166,14 @@ def bench_one(config, batch_size: int, steps: int, warmup: int, rss_start: int) 
     # Right before the timed steps: the same load as they see.
     peak, peak_source, cpu_peak = measure_peaks()
     times, cpu_times = [], []
+    hwm_reset = on_cpu and _reset_peak_rss()
     for _ in range(steps):
       t0, c0 = time.perf_counter(), time.process_time()
       state, metrics = compiled(state, batch)
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - t0)
       cpu_times.append(time.process_time() - c0)
+    step_rss = _peak_rss_since_reset() if hwm_reset else None
     # Measured again after the steps, the better of the two kept: one dip (a
     # busy neighbour, a frequency drop) would otherwise inflate the MFU.
     after, _, cpu_after = measure_peaks()
@@ -175,6 +203,7 @@ def bench_one(config, batch_size: int, steps: int, warmup: int, rss_start: int) 
   if out["platform"] == "cpu":
     out["peak_rss_bytes"] = _rss_bytes()
     out["rss_growth_bytes"] = _rss_bytes() - rss_start
+    out["step_peak_rss_bytes"] = step_rss  # The timed steps' own peak (None: not measurable).
   else:
     stats = [d.memory_stats() or {} for d in jax.local_devices()]
     out["device_peak_bytes"] = max(int(s.get("peak_bytes_in_use", 0)) for s in stats)
@@ -212,14 +241,17 @@ def run_isolated(batch_sizes: list[int]) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
   cpu = rows[0]["platform"] == "cpu"
-  mem_head = (f"{'MFU(cpu)':>8} {'peak RSS GiB':>12} {'(growth)':>9} {'XLA tmp+arg GiB/dev':>20}" if cpu
+  mem_head = (f"{'MFU(cpu)':>8} {'peak RSS GiB':>12} {'(steps)':>8} {'XLA tmp+arg GiB/dev':>20}" if cpu
               else f"{'device peak GiB':>16}")
   print(f"{'batch':>6} {'compile s':>10} {'step s':>9} {'samples/s':>10} {'/device':>9} "
         f"{'GFLOP/dev':>10} {'TFLOP/s/dev':>12} {'peak':>8} {'MFU':>7} {mem_head}")
   for r in rows:
     if cpu:
       xla = (r["xla_temp_bytes"] or 0) + (r["xla_argument_bytes"] or 0)
-      mem = f"{100 * r['mfu_cpu_time']:>7.1f}% {r['peak_rss_bytes'] / GIB:>12.2f} {r['rss_growth_bytes'] / GIB:>9.2f} {xla / GIB:>20.3f}"
+      steps = r.get("step_peak_rss_bytes")
+      steps = f"{steps / GIB:>8.2f}" if steps else f"{'n/a':>8}"
+      mem = (f"{100 * r['mfu_cpu_time']:>7.1f}% {r['peak_rss_bytes'] / GIB:>12.2f} {steps} "
+             f"{xla / GIB:>20.3f}")
     else:
       mem = f"{r['device_peak_bytes'] / GIB:>16.2f}"
     print(f"{r['batch_size']:>6} {r['compile_s']:>10.1f} {r['step_s']:>9.3f} {r['samples_per_s']:>10.2f} "

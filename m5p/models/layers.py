@@ -425,6 +425,49 @@ class Block(nn.Module):
 RematBlock = nn.remat(Block, static_argnums=(3, 4))
 
 
+def remat_slices(rows: int, max_rows: int) -> int:
+  """How many slices `_sliced_remat_call` cuts `rows` sequences into: the
+  fewest that divide them with at most `max_rows` rows each."""
+  return next(k for k in range(1, rows + 1) if rows % k == 0 and rows // k <= max_rows)
+
+
+def _sliced_remat_call(block: Block, max_rows: int, x: jax.Array, key_mask: jax.Array,
+                       train: bool, queries: int | None) -> jax.Array:
+  """block(x, key_mask) with the batch in k = remat_slices(N, max_rows)
+  interleaved slices (rows j, j + k, ...: each slice spans every batch
+  shard), each slice rematerialised, in a loop: the backward pass recomputes
+  and frees one slice's activations at a time, so a block's peak ([B, H, L,
+  L] attention, [B, L, mlp] hidden) shrinks k-fold for no extra FLOPs (the
+  block input is what is kept either way, as with RematBlock). Same values
+  (each row's computation is unchanged); dropout masks differ from RematBlock's."""
+  n = x.shape[0]
+  k = remat_slices(n, max_rows)
+
+  def step(blk, carry, x_k, mask_k):
+    return carry, blk(x_k, mask_k, train, queries)
+
+  scan = nn.scan(nn.remat(step), variable_broadcast="params",
+                 split_rngs={"params": False, "dropout": True}, in_axes=1, out_axes=1, length=k)
+  _, y = scan(block, None, x.reshape(n // k, k, *x.shape[1:]),
+              key_mask.reshape(n // k, k, *key_mask.shape[1:]))
+  return y.reshape(n, *y.shape[2:])
+
+
+def make_block(heads: int, mlp_ratio: int, dtype: Dtype, dropout: float, remat: bool,
+               remat_rows: int, name: str) -> nn.Module:
+  """An Encoder's block: RematBlock for whole-batch remat, else a Block
+  (with `remat_rows` `call_block` rematerialises it by slices of the batch)."""
+  return (RematBlock if remat and not remat_rows else Block)(heads, mlp_ratio, dtype, dropout,
+                                                              name=name)
+
+
+def call_block(block: nn.Module, remat: bool, remat_rows: int, x: jax.Array, key_mask: jax.Array,
+               train: bool, queries: int | None) -> jax.Array:
+  if remat and remat_rows:
+    return _sliced_remat_call(block, remat_rows, x, key_mask, train, queries)
+  return block(x, key_mask, train, queries)
+
+
 class _ScannedBlock(nn.Module):
   """One step of `nn.scan` over an Encoder's blocks: (x, key_mask) -> (x, None)."""
   heads: int
@@ -432,20 +475,22 @@ class _ScannedBlock(nn.Module):
   dtype: Dtype
   dropout: float
   remat: bool
+  remat_rows: int
   train: bool
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array):
-    block_cls = RematBlock if self.remat else Block
-    x = block_cls(self.heads, self.mlp_ratio, self.dtype, self.dropout, name="block")(
-        x, key_mask, self.train, None)
-    return x, None
+    block = make_block(self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
+                       self.remat_rows, "block")
+    return call_block(block, self.remat, self.remat_rows, x, key_mask, self.train, None), None
 
 
 class Encoder(nn.Module):
   """`layers` pre-LN blocks and a final LayerNorm; `remat` recomputes each
   block in the backward pass (config.model.remat; same parameters, values and
-  gradients).
+  gradients), by slices of at most `remat_rows` sequences of the batch, one
+  after another, when that is set (config.model.remat_rows: one slice's
+  activations at a time; see `_sliced_remat_call`).
 
   `scan` (config.model.scan_layers) runs the blocks as one `nn.scan` over
   parameters stacked on a leading 'layers' axis (params `blocks/block/...`
@@ -462,6 +507,7 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   remat: bool = False
   scan: bool = False
+  remat_rows: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array, *, train: bool,
@@ -485,11 +531,10 @@ class Encoder(nn.Module):
     if scanned:
       x = self._scanned_blocks(x, key_mask, train=train)
     else:
-      block_cls = RematBlock if self.remat else Block
-      blocks = [block_cls(self.heads, self.mlp_ratio, self.dtype, self.dropout, name=f"block{i}")
-                for i in range(self.layers)]
+      blocks = [make_block(self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
+                           self.remat_rows, f"block{i}") for i in range(self.layers)]
       for block in blocks[:-1] if exact_split else blocks:
-        x = block(x, key_mask, train, None)
+        x = self._call(block, x, key_mask, train, None)
     if split is None:
       return constrain(ln_final(x))
     group, n_full = split
@@ -505,11 +550,14 @@ class Encoder(nn.Module):
 
     full = None
     if n_full:
-      full = blocks[-1](rows(x, 0, n_full), rows(key_mask, 0, n_full), train, None)
+      full = self._call(blocks[-1], rows(x, 0, n_full), rows(key_mask, 0, n_full), train, None)
       full = constrain(ln_final(full)).reshape(n // group, n_full, length, d)
-    cls = blocks[-1](rows(x, n_full, group), rows(key_mask, n_full, group), train, 1)
+    cls = self._call(blocks[-1], rows(x, n_full, group), rows(key_mask, n_full, group), train, 1)
     cls = constrain(ln_final(cls)).reshape(n // group, group - n_full, d)
     return full, cls
+
+  def _call(self, block, x, key_mask, train, queries):
+    return call_block(block, self.remat, self.remat_rows, x, key_mask, train, queries)
 
   def _scanned_blocks(self, x: jax.Array, key_mask: jax.Array, *, train: bool) -> jax.Array:
     """All the blocks as one `nn.scan` over their stacked parameters."""
@@ -517,7 +565,8 @@ class Encoder(nn.Module):
         _ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
         in_axes=nn.broadcast, length=self.layers,
         metadata_params={nn.PARTITION_NAME: "layers"})(
-            self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat, train, name="blocks")
+            self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat, self.remat_rows, train,
+            name="blocks")
     return stack(x, key_mask)[0]
 
 

@@ -52,8 +52,9 @@ already carry positions, so the JCT adds no positions of its own.
 `mlm_nll` / `mem_nll` run the LM head on the picked positions only (a few
 percent of them): each row's picked text and table positions are gathered
 into `lm_pick_capacity(config)` slots, and a batch with a row holding more
-falls back to the head on every position (`nn.cond`), so the values never
-depend on the capacity. In a train step the full `mlm_logits` / `mem_logits`
+falls back (`nn.cond`) to running the slots in chunks of that capacity, one
+after another, so the values never depend on the capacity and neither branch
+holds logits for every position. In a train step the full `mlm_logits` / `mem_logits`
 are then unused and compiled out; they stay outputs for inspection and tests.
 """
 from __future__ import annotations
@@ -81,10 +82,11 @@ class ScaleModel(nn.Module):
     self.dtype = layers.compute_dtype(m.dtype)
     d, heads, r, drop = m.width, m.heads, m.mlp_ratio, m.dropout
     remat = bool(m.get("remat", False))  # Every tower's and the JCT's blocks.
+    rows = int(m.get("remat_rows", 0))
     scan = bool(m.get("scan_layers", False))
 
     def encoder(n):
-      return towers.encoder(n, heads, r, self.dtype, drop, remat, scan)
+      return towers.encoder(n, heads, r, self.dtype, drop, remat, scan, remat_rows=rows)
 
     self.word_embed = nn.Embed(
         c.data.vocab_size, d, dtype=self.dtype, param_dtype=jnp.float32,
@@ -99,16 +101,19 @@ class ScaleModel(nn.Module):
                                    c.data.max_fields, d, self.dtype, drop)
     self.stems = {k: batch_spec.stem(c, k) for k in ("image", "video", "audio")}
     self.image = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype, drop,
-                                   remat, stem=self.stems["image"], scan=scan)
+                                   remat, stem=self.stems["image"], scan=scan,
+                                   remat_rows=rows)
     if self.stems["video"] == "features":
       self.video_frames = towers.FeatureFrames(d, self.dtype)
     elif not self._frames_share_image_tower():
       self.video_frames = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype,
-                                            drop, remat, scan=scan)
+                                            drop, remat, scan=scan, remat_rows=rows)
     self.video = towers.VideoTower(c.data.max_frames, m.video_layers, d, heads, r, self.dtype, drop,
-                                   remat, scan, own_stack=not self._video_runs_image_stack())
+                                   remat, scan, own_stack=not self._video_runs_image_stack(),
+                                   remat_rows=rows)
     self.audio = towers.AudioTower(tuple(m.audio_patch), m.audio_layers, d, heads, r, self.dtype,
-                                   drop, remat, stem=self.stems["audio"], scan=scan)
+                                   drop, remat, stem=self.stems["audio"], scan=scan,
+                                   remat_rows=rows)
     if c.loss.get("learn_temperature", False):
       # log(1 / tau), clamped at use to tau >= loss.min_temperature (CLIP's logit scale).
       self.log_inv_temperature = self.param(
@@ -159,11 +164,8 @@ class ScaleModel(nn.Module):
     if capacity >= x.shape[1]:
       return _dense_lm_nll(self, x, targets, picked)
     fits = jnp.max(jnp.sum(picked, axis=1)) <= capacity
-    # The fallback is rematerialised: under autodiff a cond carries the
-    # residuals of both branches, and the dense branch's (several [B, L, V]
-    # arrays) would otherwise be zero-filled on every step the other runs.
     return nn.cond(fits, functools.partial(_picked_lm_nll, capacity=capacity),
-                   nn.remat(_dense_lm_nll), self, x, targets, picked)
+                   functools.partial(_chunked_lm_nll, capacity=capacity), self, x, targets, picked)
 
   def __call__(self, batch: dict, *, train: bool) -> dict:
     m = self.config.model
@@ -324,17 +326,36 @@ def _dense_lm_nll(model: ScaleModel, x, targets, picked):
   return jnp.where(picked, _token_nll(model._lm_logits(x), targets), 0.0)
 
 
-def _picked_lm_nll(model: ScaleModel, x, targets, picked, *, capacity: int):
-  """The LM head on each row's first `capacity` picked positions (all of them
-  when called: the caller checks the counts). Slot c of row b holds the
-  row's c-th picked position; gathering and scattering are one-hot products
-  (exact, and batch-parallel under any batch sharding)."""
-  slot = jnp.cumsum(picked, axis=1) - 1  # [B, L]: the slot of each picked position.
+def _picked_lm_nll(model: ScaleModel, x, targets, picked, *, capacity: int, offset=0):
+  """The LM head on each row's picked positions number `offset` to `offset +
+  capacity - 1` (counting from 0 in position order; all of them when the
+  caller has checked the counts), 0 elsewhere. Slot c of row b holds the
+  row's (offset + c)-th picked position; gathering and scattering are one-hot
+  products (exact, and batch-parallel under any batch sharding)."""
+  slot = jnp.cumsum(picked, axis=1) - 1 - offset  # [B, L]: the slot of each picked position.
   onehot = picked[:, None, :] & (slot[:, None, :] == jnp.arange(capacity)[None, :, None])  # [B, C, L]
   x_slots = jnp.einsum("bcl,bld->bcd", onehot.astype(x.dtype), x)
   t_slots = jnp.sum(jnp.where(onehot, targets[:, None, :], 0), axis=-1)
   nll = _token_nll(model._lm_logits(x_slots), t_slots)  # [B, C]; unused slots are masked below.
   return jnp.sum(jnp.where(onehot, nll[:, :, None], 0.0), axis=1)
+
+
+def _chunked_lm_nll(model: ScaleModel, x, targets, picked, *, capacity: int):
+  """`_picked_lm_nll` for rows with any number of picks: the slots in
+  ceil(L / capacity) chunks of `capacity`, one at a time (a scan of
+  rematerialised chunks), so the fallback holds one chunk's [B, capacity, V]
+  logits, not the [B, L, V] of the head on every position (at
+  configs/scale_authors.py's batch 64 those were 0.5 GiB apiece, and set the
+  compiled step's peak memory). Under autodiff the cond around it then
+  carries only this branch's inputs as residuals."""
+  def chunk(mdl, total, offset, x, targets, picked):
+    return total + _picked_lm_nll(mdl, x, targets, picked, capacity=capacity, offset=offset), None
+
+  scan = nn.scan(nn.remat(chunk), variable_broadcast="params", split_rngs={"params": False},
+                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast))
+  offsets = jnp.arange(0, picked.shape[1], capacity, dtype=jnp.int32)
+  total, _ = scan(model, jnp.zeros(picked.shape, jnp.float32), offsets, x, targets, picked)
+  return total
 
 
 def init_batch(config: ml_collections.ConfigDict, batch_size: int = 2) -> dict:

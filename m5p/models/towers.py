@@ -102,12 +102,15 @@ def embed_tokens_lookup(word_embed: nn.Module, ids: jax.Array) -> jax.Array:
 
 
 def encoder(num_layers: int, heads: int, mlp_ratio: int, dtype: Dtype, dropout: float,
-            remat: bool = False, scan: bool = False, name: str | None = None) -> nn.Module:
+            remat: bool = False, scan: bool = False, name: str | None = None,
+            remat_rows: int = 0) -> nn.Module:
   """A transformer stack; `remat` (config.model.remat) recomputes each block
-  in the backward pass (same parameter tree either way); `scan`
+  in the backward pass, by slices of at most `remat_rows` sequences when set
+  (config.model.remat_rows; same parameter tree either way); `scan`
   (config.model.scan_layers) runs the blocks as one loop over stacked
   parameters (see layers.Encoder)."""
-  return layers.Encoder(num_layers, heads, mlp_ratio, dtype, dropout, remat, scan, name=name)
+  return layers.Encoder(num_layers, heads, mlp_ratio, dtype, dropout, remat, scan, remat_rows,
+                        name=name)
 
 
 def _true_first(mask: jax.Array) -> jax.Array:
@@ -188,6 +191,7 @@ class ImageTower(nn.Module):
   remat: bool = False  # Rematerialise each block (config.model.remat).
   stem: str = "media"  # | 'features'
   scan: bool = False  # One scan over the blocks (config.model.scan_layers).
+  remat_rows: int = 0  # Remat by slices of at most this many rows (config.model.remat_rows).
 
   @nn.compact
   def __call__(self, pixels: jax.Array, zero: jax.Array | None, *, train: bool,
@@ -202,7 +206,7 @@ class ImageTower(nn.Module):
     embedded and `token_mask` its key mask [N, L]; only this tower's blocks
     run on them (a 'features' video on the image stack, as the authors')."""
     stack = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
-                    self.scan, name="stack")
+                    self.scan, name="stack", remat_rows=self.remat_rows)
     if embedded:
       return stack(layers.constrain(pixels), token_mask, train=train), token_mask
     if self.stem == "features":
@@ -240,6 +244,7 @@ class VideoTower(nn.Module):
   remat: bool = False
   scan: bool = False
   own_stack: bool = True  # False: return the blocks' input; the caller runs a shared stack.
+  remat_rows: int = 0
 
   @nn.compact
   def __call__(self, frame_tokens, frame_mask, *, train: bool):
@@ -253,7 +258,7 @@ class VideoTower(nn.Module):
     if not self.own_stack:
       return layers.constrain(x), key_mask
     x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
-                self.scan, name="stack")(layers.constrain(x), key_mask, train=train)
+                self.scan, name="stack", remat_rows=self.remat_rows)(layers.constrain(x), key_mask, train=train)
     return x, key_mask
 
 
@@ -292,6 +297,7 @@ class AudioTower(nn.Module):
   remat: bool = False
   stem: str = "media"  # | 'features'
   scan: bool = False
+  remat_rows: int = 0
 
   @nn.compact
   def __call__(self, logmel, patch_mask, zero, *, train: bool):
@@ -308,5 +314,5 @@ class AudioTower(nn.Module):
     x = layers.Dropout(self.dropout)(x, deterministic=not train)
     key_mask = jnp.concatenate([jnp.ones((x.shape[0], 1), bool), patch_mask], axis=1)
     x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
-                self.scan, name="stack")(layers.constrain(x), key_mask, train=train)
+                self.scan, name="stack", remat_rows=self.remat_rows)(layers.constrain(x), key_mask, train=train)
     return x, key_mask
