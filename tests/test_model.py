@@ -172,8 +172,10 @@ def _nll_from_logits(out, batch, config):
   for m, name in enumerate(("text", "table")):
     logits = out["mlm_logits" if m == 0 else "mem_logits"]
     targets = jnp.clip(jnp.asarray(batch[f"{name}_targets"]), 0, config.data.vocab_size - 1)
-    token = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    picked = jnp.asarray(batch[f"{name}_loss_mask"], bool) & jnp.asarray(batch["present"])[:, m:m + 1]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    token = jax.nn.logsumexp(logits, -1) - target_logit
+    present = jnp.asarray(batch["present"])[:, m:m + 1]
+    picked = jnp.asarray(batch[f"{name}_loss_mask"], bool) & present
     nll.append(jnp.where(picked, token, 0.0))
   return jnp.concatenate(nll, axis=1)
 

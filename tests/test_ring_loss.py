@@ -150,8 +150,8 @@ def test_ring_multi_positive_weights_and_blocks_mesh_2_2_2(data):
       # The reference reduces to the global form without groups (forward only: cheap).
       out[infonce, "ref"] = (harmonized_contrastive(z, temperature=tau, weights=weights, **kw)[0],
                              ref_multi_positive(z, temperature=tau, weights=weights, **kw))
-    out["ntxent", "one_device"] = harmonized_contrastive(z, present=present, mode="pair_loss_weights",
-                                               infonce="ntxent", temperature=tau)[0]
+    out["ntxent", "one_device"] = harmonized_contrastive(
+        z, present=present, mode="pair_loss_weights", infonce="ntxent", temperature=tau)[0]
     return out
 
   def run_ring(z, present, groups, weights, tau):

@@ -18,8 +18,9 @@ the trainer does, fed one random batch of the config's shapes
                 XLA's own figure, which counts it)
   TFLOP/s/dev   those FLOPs / step time
   peak          per device: on CPU the fp32 (config.model.dtype) matmul rate
-                measured in the same process before and after the steps, the higher (emulated
-                devices share the machine, so it is divided among them); on
+                measured in the same process before and after the steps, the
+                higher (emulated devices share the machine, so it is divided
+                among them); on
                 GPU/TPU the bf16 data-sheet figure (m5p.flops.device_peak)
   MFU           TFLOP/s/dev / peak
   MFU(cpu)      CPU only: the same ratio in FLOP per CPU-second of this

@@ -565,8 +565,8 @@ class Encoder(nn.Module):
         _ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
         in_axes=nn.broadcast, length=self.layers,
         metadata_params={nn.PARTITION_NAME: "layers"})(
-            self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat, self.remat_rows, train,
-            name="blocks")
+            self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat, self.remat_rows,
+            train, name="blocks")
     return stack(x, key_mask)[0]
 
 

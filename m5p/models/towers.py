@@ -113,6 +113,14 @@ def encoder(num_layers: int, heads: int, mlp_ratio: int, dtype: Dtype, dropout: 
                         name=name)
 
 
+def _own_stack(tower: nn.Module) -> nn.Module:
+  """The 'stack' of an image, video or audio tower, built from the tower's own
+  fields (layers, heads, mlp_ratio, dtype, dropout, remat, scan, remat_rows);
+  called inside the tower's compact __call__, so the tower is its parent."""
+  return encoder(tower.layers, tower.heads, tower.mlp_ratio, tower.dtype, tower.dropout,
+                 tower.remat, tower.scan, name="stack", remat_rows=tower.remat_rows)
+
+
 def _true_first(mask: jax.Array) -> jax.Array:
   """[B, L] -> [B, L] with column 0 forced True (the CLS is always attendable)."""
   return mask.at[:, 0].set(True)
@@ -205,8 +213,7 @@ class ImageTower(nn.Module):
     embedded=True: `pixels` are a stack input [N, L, D] that another tower
     embedded and `token_mask` its key mask [N, L]; only this tower's blocks
     run on them (a 'features' video on the image stack, as the authors')."""
-    stack = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
-                    self.scan, name="stack", remat_rows=self.remat_rows)
+    stack = _own_stack(self)
     if embedded:
       return stack(layers.constrain(pixels), token_mask, train=train), token_mask
     if self.stem == "features":
@@ -257,8 +264,7 @@ class VideoTower(nn.Module):
     key_mask = jnp.concatenate([jnp.ones((b, 1), bool), frame_mask], axis=1)
     if not self.own_stack:
       return layers.constrain(x), key_mask
-    x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
-                self.scan, name="stack", remat_rows=self.remat_rows)(layers.constrain(x), key_mask, train=train)
+    x = _own_stack(self)(layers.constrain(x), key_mask, train=train)
     return x, key_mask
 
 
@@ -313,6 +319,5 @@ class AudioTower(nn.Module):
     x = _with_cls(cls, x) + pos.astype(self.dtype)[None]
     x = layers.Dropout(self.dropout)(x, deterministic=not train)
     key_mask = jnp.concatenate([jnp.ones((x.shape[0], 1), bool), patch_mask], axis=1)
-    x = encoder(self.layers, self.heads, self.mlp_ratio, self.dtype, self.dropout, self.remat,
-                self.scan, name="stack", remat_rows=self.remat_rows)(layers.constrain(x), key_mask, train=train)
+    x = _own_stack(self)(layers.constrain(x), key_mask, train=train)
     return x, key_mask
