@@ -64,10 +64,12 @@ def get_config(variant: str = ""):
   for m in ("image", "video", "audio"):
     c.model.stem[m] = "features"
   # Each stack one scanned block, recomputed in the backward pass by slices of
-  # at most 16 sequences: batch 64 then peaks at ~5.9 GiB of host memory
-  # instead of ~17 GiB without remat (README, "configs/scale_authors.py
-  # against the authors").
+  # at most 16 sequences, and XLA:CPU's memory-optimised scheduler (its default
+  # allocates every stack's gradient buffer before the forward pass): batch 64
+  # then peaks at ~5.0 GiB of host memory instead of ~17 GiB without remat
+  # (README, "configs/scale_authors.py against the authors").
   c.model.scan_layers = True
   c.model.remat = True
   c.model.remat_rows = 16
+  c.compiler_options = "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
   return c

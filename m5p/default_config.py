@@ -37,6 +37,12 @@ def get_config() -> ml_collections.ConfigDict:
   # mesh axes) pairs, each replacing that axis's rule, e.g.
   # --config.sharding_rules="(('mlp', None), ('embed', 'model'))".
   c.sharding_rules = ()
+  # XLA options for compiling the train step, 'name=value[,name=value]' (XLA
+  # DebugOptions fields, as jax.jit's compiler_options). Options of another
+  # backend are dropped (xla_cpu_* off CPU, xla_gpu_* off GPU), so one config runs
+  # everywhere; e.g. 'xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'
+  # (configs/scale_authors.py) stops XLA:CPU from allocating buffers early.
+  c.compiler_options = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""  # Converted dataset (holds manifest.json). Empty: synthetic default in the workdir.

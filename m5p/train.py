@@ -119,6 +119,48 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   return train_step
 
 
+_BACKEND_OPTION_PREFIXES = {"cpu": "xla_cpu_", "gpu": "xla_gpu_", "tpu": "xla_tpu_"}
+
+
+def compiler_options(config: ml_collections.ConfigDict, platform: str | None = None
+                     ) -> dict[str, str | bool | int] | None:
+  """`config.compiler_options` ('name=value,...') as jax.jit's compiler_options.
+
+  Options for another backend than `platform` (default: the devices') are
+  dropped, so a config tuned for one backend still compiles on the others.
+  """
+  text = str(config.get("compiler_options", "") or "").strip()
+  if not text:
+    return None
+  platform = platform or jax.devices()[0].platform
+  platform = "gpu" if platform in ("cuda", "rocm") else platform
+  options: dict[str, str | bool | int] = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    name, sep, value = (part.strip() for part in item.partition("="))
+    if not sep or not name.startswith("xla_") or not value:
+      raise ValueError(f"config.compiler_options: {item!r} is not 'xla_<option>=<value>' "
+                       f"(in {text!r})")
+    if any(name.startswith(prefix) for backend, prefix in _BACKEND_OPTION_PREFIXES.items()
+           if backend != platform):
+      continue
+    lowered = value.lower()
+    options[name] = (lowered == "true" if lowered in ("true", "false") else
+                     int(value) if value.lstrip("-").isdigit() else value)
+  return options or None
+
+
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                   config: ml_collections.ConfigDict, state_shardings: TrainState, mesh,
+                   donate: bool = True):
+  """The train step jitted as the trainer runs it: state and batch shardings
+  pinned, the metrics replicated, the state donated (updated in place) and
+  `config.compiler_options` applied."""
+  return jax.jit(make_train_step(model, tx, schedule, config),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=0 if donate else (), compiler_options=compiler_options(config))
+
+
 def _to_device(batch: dict, batch_shard) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_shard, v) for k, v in batch.items()}
 
@@ -213,10 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   # ---- Jitted step -----------------------------------------------------------
   rules = sharding.rules(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(make_train_step(model, tx, schedule, config),
-                      in_shardings=(state_shardings, batch_shard),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=0)
+    step_fn = jit_train_step(model, tx, schedule, config, state_shardings, mesh)
 
   # ---- Restore ---------------------------------------------------------------
   ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,

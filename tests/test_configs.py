@@ -17,7 +17,7 @@ from flax import linen as nn
 from m5p import optim, sharding, state as state_lib
 from m5p.config_loader import REPO_CONFIGS, load_config
 from m5p.data import batch_spec
-from m5p.train import make_model, make_train_step
+from m5p.train import jit_train_step, make_model
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO_CONFIGS, "*.py")))
 
@@ -49,8 +49,7 @@ def test_config_builds_and_steps(path):
   batch = {k: jax.device_put(v, batch_shard)
            for k, v in batch_spec.random_batch(config, config.batch_size).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
-    step = jax.jit(make_train_step(model, tx, schedule, config), in_shardings=(shardings, batch_shard),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    step = jit_train_step(model, tx, schedule, config, shardings, mesh)
     new_state, metrics = step(state, batch)
   assert int(new_state.step) == 1
   assert np.isfinite(float(metrics["loss"]))

@@ -15,7 +15,7 @@ from m5p.losses.contrastive import harmonized_contrastive
 from m5p.losses.total import compute_loss
 from m5p.models.scale import ScaleModel, init_batch
 from m5p.modalities import INDEX
-from m5p.train import make_train_step
+from m5p.train import jit_train_step, make_train_step
 
 MODES = ("per_sample_logits", "pair_loss_weights", "uniform")
 
@@ -195,9 +195,7 @@ def test_feature_stems_train(feature_dataset):
   batch_shard = sharding.batch_sharding(mesh)
   batches = _batches(config, feature_dataset, 2)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
-    step = jax.jit(make_train_step(model, tx, schedule, config),
-                   in_shardings=(shardings, batch_shard),
-                   out_shardings=(shardings, sharding.replicated(mesh)))
+    step = jit_train_step(model, tx, schedule, config, shardings, mesh, donate=False)
     device_batches = [{k: jax.device_put(v, batch_shard) for k, v in b.items()} for b in batches]
     losses = []
     for i in range(6):

@@ -3,10 +3,10 @@
 python tools/benchmark.py --config=configs/scale_base.py --steps=5 --batch_sizes=8,64 \\
     [--config.field=value ...] [--json=FILE]
 
-For each batch size: the real train step (`m5p.train.make_train_step`) over
+For each batch size: the real train step (`m5p.train.jit_train_step`) over
 the sharded state (`m5p.state.create_sharded_state`, the config's mesh and
-`sharding.rules(config)`), jitted with pinned shardings and a donated state as
-the trainer does, fed one random batch of the config's shapes
+`sharding.rules(config)`), jitted as the trainer does (pinned shardings, a
+donated state, `config.compiler_options`), fed one random batch of the config's shapes
 (`batch_spec.random_batch`) resident on the devices. It prints:
 
   compile s     lowering + XLA compile of the step
@@ -125,7 +125,7 @@ def bench_one(config, batch_size: int, steps: int, warmup: int, rss_start: int) 
   from m5p import flops, host_memory, optim, sharding, state as state_lib
   from m5p.data import batch_spec
   from m5p.models.scale import ScaleModel
-  from m5p.train import make_train_step
+  from m5p.train import jit_train_step
 
   config.batch_size = batch_size
   mesh = sharding.make_mesh(config.mesh)
@@ -142,8 +142,7 @@ def bench_one(config, batch_size: int, steps: int, warmup: int, rss_start: int) 
   batch = {k: jax.device_put(v, batch_shard)
            for k, v in batch_spec.random_batch(config, batch_size).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
-    step = jax.jit(make_train_step(model, tx, schedule, config), in_shardings=(shardings, batch_shard),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    step = jit_train_step(model, tx, schedule, config, shardings, mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0

@@ -178,7 +178,7 @@ def measure_step(config: ml_collections.ConfigDict, batch_size: int, steps: int,
   from m5p import optim, sharding, state as state_lib
   from m5p.data import batch_spec
   from m5p.models.scale import ScaleModel
-  from m5p.train import make_train_step
+  from m5p.train import jit_train_step
 
   config = config.copy_and_resolve_references()
   config.batch_size = batch_size
@@ -193,8 +193,7 @@ def measure_step(config: ml_collections.ConfigDict, batch_size: int, steps: int,
            for k, v in batch_spec.random_batch(config, batch_size).items()}
   out: dict[str, float] = {"params_m": state_lib.num_params(state.params) / 1e6, "init_s": init_s}
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
-    step = jax.jit(make_train_step(model, tx, schedule, config), in_shardings=(shardings, batch_shard),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    step = jit_train_step(model, tx, schedule, config, shardings, mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     out["compile_s"] = time.perf_counter() - t0
