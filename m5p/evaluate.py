@@ -10,6 +10,9 @@ Then W/report.md (m5p/evaluation/report.py): the tables beside their random
 floors, retrieval examples with images and titles, a 2-D map of the
 embeddings and the learned modality weights, PNGs in W/report/ (--noreport:
 none; it costs one more embedding pass of the eval split).
+A fine-tuned run (task='classify') is scored as its training scored it: the
+classifier's top-1 / top-5 / macro-F1 on `classify.eval_list`, beside the
+random and majority-class floors (no report).
 """
 from __future__ import annotations
 
@@ -37,18 +40,16 @@ def evaluate(workdir: str, *, step: int | None = None, data_dir: str = "", mesh:
   `report`, workdir/report.md); returns the results."""
   import jax
   from m5p import export, sharding, train
-  from m5p.evaluation import embed as embed_lib
-  from m5p.models.scale import ScaleModel
   from m5p.state import TrainState
 
   config = export.mesh_from_flag(export.load_run_config(workdir, step), mesh)
   data_dir = data_dir or export.run_data_dir(workdir, config)
   device_mesh = sharding.make_mesh(config.mesh)
-  params, step = export.restore_params(workdir, config, device_mesh, step)
+  params, step = export.restore_params(workdir, config, device_mesh, step, data_dir)
   shardings = jax.tree.map(lambda a: a.sharding, params)
   state = TrainState(step=step, params=params, opt_state=None)
-  model = ScaleModel(config)
-  embed_fn = embed_lib.make_embed_fn(model, device_mesh, shardings)
+  model = train.make_model(config, data_dir)  # The Classifier for a task='classify' run.
+  embed_fn = train.make_eval_fn(model, config, device_mesh, shardings)
   results = train.evaluate(model, state, config, device_mesh,
                            TrainState(step=None, params=shardings, opt_state=None), data_dir,
                            workdir, embed_fn=embed_fn, any_modality=any_modality, report=report)

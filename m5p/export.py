@@ -20,6 +20,11 @@ never read) and writes
   E/serving/spec.json     its inputs (names, shapes, dtypes), outputs, notes
   E/export.json           what was exported, from where, sizes
 
+A fine-tuned run (task='classify') exports its fine-tuned backbone the same way,
+with a pretraining config (task='pretrain', no init_from): E embeds, serves and
+seeds further fine-tuning like any export; the classification head stays in
+W's checkpoints (`python -m m5p.evaluate --workdir=W` scores it).
+
 `m5p.Encoder.from_export(E)` embeds raw products with it (m5p/encoder.py).
 Nothing here or on any load path unpickles: configs and specs are JSON,
 arrays are .npz of plain dtypes, checkpoints are orbax.
@@ -134,15 +139,18 @@ def mesh_from_flag(config, value: str):
 # Params: abstract tree with shardings, restore from a run, save/load alone.
 
 
-def abstract_params(config, mesh) -> Any:
-  """ShapeDtypeStructs of the model's params carrying their shardings on `mesh`
-  (the same logical-axis rules as training, so any mesh works)."""
+def abstract_params(config, mesh, data_dir: str | None = None) -> Any:
+  """ShapeDtypeStructs of the task's model's params (m5p.train.make_model: the
+  Classifier's for task='classify', whose class count may come from `data_dir`)
+  carrying their shardings on `mesh` (the same logical-axis rules as training,
+  so any mesh works)."""
   import jax
   from flax import linen as nn
   from m5p import sharding
-  from m5p.models.scale import ScaleModel, init_batch
+  from m5p.models.scale import init_batch
+  from m5p.train import make_model
 
-  model = ScaleModel(config)
+  model = make_model(config, data_dir)
 
   def init(rng):
     return model.init({"params": rng, "dropout": rng}, init_batch(config, 1), train=False)["params"]
@@ -164,8 +172,10 @@ def _manager(workdir: str):
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
 
 
-def restore_params(workdir: str, config, mesh, step: int | None = None) -> tuple[Any, int]:
-  """(params sharded on `mesh`, step) from the run's checkpoint `step` (default latest).
+def restore_params(workdir: str, config, mesh, step: int | None = None,
+                   data_dir: str | None = None) -> tuple[Any, int]:
+  """(params sharded on `mesh`, step) from the run's checkpoint `step` (default latest):
+  the Classifier's params for a task='classify' run (see `abstract_params`).
 
   Only the params are read (orbax partial restore of the `state` item): the
   optimizer state, twice the params' size, never leaves the disk.
@@ -178,7 +188,7 @@ def restore_params(workdir: str, config, mesh, step: int | None = None) -> tuple
   if step is None or step not in steps:
     raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint for step {step} "
                             f"(have {sorted(steps)}).")
-  target = {"params": abstract_params(config, mesh)}
+  target = {"params": abstract_params(config, mesh, data_dir)}
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -186,6 +196,16 @@ def restore_params(workdir: str, config, mesh, step: int | None = None) -> tuple
   finally:
     mngr.close()
   return restored["state"]["params"], int(step)
+
+
+def backbone_of_classifier(params: Any, config) -> tuple[Any, Any]:
+  """(the backbone's params, a pretraining config for them) of a fine-tuned
+  classifier: what an export holds, so that m5p.Encoder, `python -m m5p.evaluate`
+  on a run started from it, and further fine-tuning (`init_from`) read it like
+  any other export."""
+  from m5p.models import classifier
+  backbone = apply_overrides(config, {"task": "pretrain", "init_from": ""})
+  return classifier.backbone_params(params), backbone
 
 
 def save_params(path: str, params: Any) -> None:
@@ -380,6 +400,7 @@ def export(workdir: str, output_dir: str, *, step: int | None = None,
   from m5p.evaluation import embed as embed_lib
   from m5p.models.scale import ScaleModel
   from m5p.state import num_params
+  from m5p.train import task
 
   t0 = time.perf_counter()
   if serving:
@@ -394,9 +415,13 @@ def export(workdir: str, output_dir: str, *, step: int | None = None,
   data_dir = data_dir or run_data_dir(workdir, config)
   manifest = convert.load_manifest(data_dir)
   device_mesh = sharding.make_mesh(config.mesh)
-  params, step = restore_params(workdir, config, device_mesh, step)
+  params, step = restore_params(workdir, config, device_mesh, step, data_dir)
   log(f"restored step {step} of {workdir} onto mesh {dict(device_mesh.shape)} "
       f"({num_params(params) / 1e6:.2f}M params)")
+  if task(config) == "classify":
+    params, config = backbone_of_classifier(params, config)
+    log(f"task='classify': exporting the fine-tuned backbone ({num_params(params) / 1e6:.2f}M "
+        "params); the classification head stays in the run's checkpoints")
 
   # Params, config, tokenizer, conversion settings.
   save_params(os.path.join(output_dir, PARAMS_DIR), params)

@@ -15,6 +15,7 @@ import pytest
 from conftest import tiny_config
 from flax import linen as nn
 
+from m5p import evaluate as evaluate_lib
 from m5p import export, sharding, state as state_lib, train
 from m5p.config_loader import load_config
 from m5p.data import convert, pipeline
@@ -95,6 +96,19 @@ def test_finetune_from_export_on_another_mesh_then_resume(pretrained, tmp_path, 
     assert saved[name]["num_test"] == n_test  # The probe's cls_test items.
     assert saved[name]["num_classes"] == manifest["num_categories"]
   assert saved["classification"] == pytest.approx(results["classification"])
+
+  # The fine-tuned run, re-scored from its checkpoint as `python -m m5p.evaluate` does, and
+  # exported: its fine-tuned backbone, under a pretraining config.
+  again = evaluate_lib.evaluate(workdir, report=False)
+  for name in ("classification", "classification_random", "classification_majority"):
+    assert again[name] == pytest.approx(saved[name]), name
+  export_dir = str(tmp_path / "cls_export")
+  export.export(workdir, export_dir, splits=[], serving=False, log=lambda *a: None)
+  exported, exported_config = export.load_params(export_dir, mesh=sharding.make_mesh(c.mesh))
+  assert exported_config.task == "pretrain" and not exported_config.init_from
+  assert jax.tree.structure(_host(exported)) == jax.tree.structure(at4[classifier.BACKBONE])
+  for a, b in zip(jax.tree.leaves(_host(exported)), jax.tree.leaves(at4[classifier.BACKBONE])):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_export_of_another_shape_is_refused(pretrained):
