@@ -7,8 +7,13 @@
 
 A product is a dict with any subset of `title` (str), `pv` (the raw table
 string 'k#:#v#;#...', or a {key: value} dict), `image`, `video`, `audio`
-(a file path or the file's bytes). A missing or undecodable modality is
-absent (`faults` says why for a file that failed).
+(a file path or the file's bytes) and, for an export whose stem of that
+modality is 'features' (config.model.stem, e.g. configs/scale_authors.py),
+`image_feature`, `video_feature`, `audio_feature` (a .npy path, its bytes, or
+a numeric [N, D] array, as the release's precomputed features) instead of the
+media. A missing or undecodable modality is absent (`faults` says why for a
+file that failed); an input the export's stem would not read (media for a
+'features' stem, features for a 'media' stem) is refused with a ValueError.
 
 Why the detour through records: training reads records the converter wrote
 (media decoded, cropped, resized and re-encoded to JPEG at the manifest's
@@ -27,8 +32,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-PRODUCT_KEYS = ("title", "pv", "image", "video", "audio")
 MEDIA_KEYS = ("image", "video", "audio")
+FEATURE_KEYS = ("image_feature", "video_feature", "audio_feature")  # Precomputed, as released.
+PRODUCT_KEYS = ("title", "pv") + MEDIA_KEYS + FEATURE_KEYS
 
 
 class Encoder:
@@ -81,16 +87,21 @@ class Encoder:
     unknown = set(product) - set(PRODUCT_KEYS)
     if unknown:
       raise ValueError(f"unknown product fields {sorted(unknown)}; expected {PRODUCT_KEYS}")
+    self._check_inputs_match_stems(product)
     entry = {"title": product.get("title"), "pv": product.get("pv")}
     item = raw_layout.parse_item("product", entry)  # The id only names faults; never a path.
     c = self.conversion
     with tempfile.TemporaryDirectory(prefix="m5p_encoder_") as tmp:
       paths = {}
-      for key in MEDIA_KEYS:
+      for key in MEDIA_KEYS + FEATURE_KEYS:
         value = product.get(key)
         if value is None:
           continue
-        if isinstance(value, (bytes, bytearray, memoryview)):
+        if key in FEATURE_KEYS and not isinstance(value, (bytes, bytearray, memoryview, str,
+                                                          os.PathLike)):
+          paths[key] = os.path.join(tmp, key + ".npy")
+          np.save(paths[key], _feature_array(key, value), allow_pickle=False)
+        elif isinstance(value, (bytes, bytearray, memoryview)):
           paths[key] = os.path.join(tmp, key)
           with open(paths[key], "wb") as f:
             f.write(bytes(value))
@@ -102,6 +113,18 @@ class Encoder:
     example = schema.example(item, m, faults=faults)
     record = self.features.deserialize_example_np(self.features.serialize_example(example))
     return record, faults
+
+  def _check_inputs_match_stems(self, product: Mapping[str, Any]) -> None:
+    """Refuses a modality given in the form its stem does not read (it would
+    silently be absent)."""
+    for media_key, feature_key in zip(MEDIA_KEYS, FEATURE_KEYS):
+      features = self.config.model.stem[media_key] == "features"
+      given, wanted = (media_key, feature_key) if features else (feature_key, media_key)
+      if product.get(given) is not None:
+        raise ValueError(
+            f"product field {given!r}: this export's {media_key} stem reads "
+            f"{'precomputed features' if features else 'media files'} "
+            f"(config.model.stem.{media_key}={self.config.model.stem[media_key]!r}); give {wanted!r}")
 
   def preprocess(self, products: Iterable[Mapping[str, Any]]) -> tuple[dict, list[list[str]]]:
     """(a host batch of the products, unpadded; each product's faults)."""
@@ -148,6 +171,15 @@ class Encoder:
     out = self.embed_batch(batch)
     out["faults"] = faults
     return out
+
+
+def _feature_array(key: str, value: Any) -> np.ndarray:
+  """A precomputed feature given as an array: numeric, 1-D (one row) or 2-D."""
+  array = np.asarray(value)
+  if array.dtype.kind not in "fiu" or array.ndim not in (1, 2) or array.size == 0:
+    raise ValueError(f"product field {key!r}: expected a non-empty numeric [N, D] array, got "
+                     f"{array.dtype} {list(array.shape)}")
+  return array
 
 
 def _one_device_mesh():

@@ -1,5 +1,9 @@
 """SCALE's switchable parts (issue 4): multi-positive InfoNCE, the learned
 temperature, modality dropout, 'features' stems and the authors' config."""
+import json
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,6 +213,60 @@ def test_feature_stems_train(feature_dataset):
   assert out["mam_pred"].shape[-1] == 24
   stem_inputs = lambda tower: nn.unbox(state.params[tower]["stem"]["kernel"]).shape[0]
   assert stem_inputs("image") == 64 and stem_inputs("video_frames") == 8 * 8 * 3
+
+
+def test_encoder_embeds_precomputed_features_as_the_pipeline_does(feature_dataset, tmp_path):
+  """m5p.Encoder for 'features' stems: a raw product's .npy features (given as
+  a path, the file's bytes or an array) embed as its converted record does
+  through the eval pipeline (what an export's embeddings are); media for a
+  'features' stem is refused, not silently dropped."""
+  import m5p
+  from m5p import export
+  from m5p.data import raw_layout
+  from m5p.evaluation import embed as embed_lib
+  config = _features_config()
+  config.mesh.update(dict(data=1, fsdp=1, model=1, num_devices=1))
+  mesh = sharding.make_mesh(config.mesh)
+  model = ScaleModel(config)
+  state, shardings = state_lib.create_sharded_state(model, optim.make_optimizer(config)[0], config,
+                                                    mesh)
+  split = config.data.eval_split
+  emb = embed_lib.embed_split(embed_lib.make_embed_fn(model, mesh, shardings.params), state.params,
+                              config, mesh, feature_dataset, split)
+  # An export's manifest and tokenizer (what the Encoder reads besides the params).
+  manifest = convert.load_manifest(feature_dataset)
+  export_dir = tmp_path / "export"
+  export_dir.mkdir()
+  (export_dir / export.MANIFEST_FILE).write_text(json.dumps({"conversion": manifest["conversion"]}))
+  shutil.copyfile(os.path.join(feature_dataset, manifest["tokenizer"]), export_dir / export.TOKENIZER_FILE)
+  encoder = m5p.Encoder(config, state.params, str(export_dir), mesh=mesh)
+
+  raw = os.path.join(os.path.dirname(feature_dataset), "raw")
+  entries = {}
+  for name in raw_layout.find_splits(raw).values():
+    entries.update(raw_layout.iter_entries(name))
+  products = []
+  for item_id in emb["item_id"]:
+    item_id = item_id.decode() if isinstance(item_id, bytes) else str(item_id)
+    paths, _ = raw_layout.find_media(raw, item_id)
+    product = {"title": entries[item_id].get("title"), "pv": entries[item_id].get("pv")}
+    product.update({k: v for k, v in paths.items() if k.endswith("_feature")})
+    products.append(product)
+  with_image = [i for i, p in enumerate(products) if "image_feature" in p]
+  with_audio = [i for i, p in enumerate(products) if "audio_feature" in p]
+  assert len(with_image) >= 2 and with_audio
+  products[with_image[0]]["image_feature"] = np.load(products[with_image[0]]["image_feature"])
+  with open(products[with_image[1]]["image_feature"], "rb") as f:
+    products[with_image[1]]["image_feature"] = f.read()
+  out = encoder.embed(products)
+  np.testing.assert_array_equal(out["present"], emb["present"])
+  assert out["present"][with_image, INDEX["image"]].all()
+  np.testing.assert_allclose(out["fused"], emb["fused"], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out["z"], emb["z"], atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="image stem reads precomputed features.*give 'image_feature'"):
+    encoder.embed([{"title": "a title", "image": "item.jpg"}])
+  with pytest.raises(ValueError, match="'audio_feature': expected a non-empty numeric"):
+    encoder.embed([{"audio_feature": np.array(["a", "b"])}])
 
 
 @pytest.mark.parametrize("shared", [True, False])
