@@ -119,13 +119,16 @@ def dot_flops_correction(hlo_text: str, cheapest_branch: bool = True) -> float:
 
 def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32,
                         clock: Callable[[], float] = time.perf_counter) -> float:
-  """FLOP/s of a large jitted matmul on the first device: the peak an MFU is measured against.
+  """FLOP/s of a large jitted matmul on this process's first device: the peak an
+  MFU is measured against.
 
   The best of `repeats`. `clock=time.process_time` gives FLOP per CPU-second
   of this process instead (on CPU: what a busy machine's time-slicing does not
-  change; compare with a step's own CPU time).
+  change; compare with a step's own CPU time). A local device, since another
+  process's device is not addressable: a matmul placed there returns at once
+  and gave process 1 of a 2-process run a "peak" of 4.9 PFLOP/s.
   """
-  device = jax.devices()[0]
+  device = jax.local_devices()[0]
   a = jax.device_put(jnp.ones((n, n), dtype), device)
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()
@@ -155,7 +158,7 @@ def device_peak(dtype: str = "bfloat16") -> tuple[float, str]:
   (emulated CPU devices share the machine's cores, so the machine's rate is
   divided among them).
   """
-  device = jax.devices()[0]
+  device = jax.local_devices()[0]
   if device.platform != "cpu" and dtype == "bfloat16":
     for name, peak in ACCELERATOR_PEAK_BF16:
       if name.lower() in device.device_kind.lower():

@@ -1,6 +1,7 @@
 """Two real JAX processes (CPU collectives over loopback) train like one process."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,10 +20,22 @@ def _cli(workdir, data_dir):
 
 
 def _env(devices, **extra):
+  """Every process alike: CPU, the tests' compilation cache, and XLA's cheapest
+  backend passes. Process 1 of a multi-process run never hits the persistent
+  cache (only process 0 writes it, under its own key), so it compiles each
+  program afresh; the comparison does not depend on the optimisation level."""
   cache = os.environ.get("M5P_TEST_CACHE", os.path.expanduser("~/.cache/m5p_test_jax"))
   return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+              XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
+                         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"),
+              **extra)
+
+
+def _logged_peak_gflops(log_path):
+  """The 'Peak per device' the trainer logged (MFU's denominator)."""
+  with open(log_path) as f:
+    return float(re.search(r"Peak per device: ([\d.]+) GFLOP/s", f.read()).group(1))
 
 
 def _free_port():
@@ -60,6 +73,8 @@ def test_two_processes_match_one(tiny_dataset, tmp_path):
   out = (tmp_path / "process1.out").read_text()[-3000:]
   assert codes == [0, 0], out
   assert "Process 1 of 2 (explicit cluster)" in open(os.path.join(two, "train.process1.log")).read()
+  for log_name in ("train.log", "train.process1.log"):  # Each measured on a device of its own.
+    assert 0 < _logged_peak_gflops(os.path.join(two, log_name)) < 1e4, log_name
   a, b = _losses(one), _losses(two)
   assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
   for step in a:
