@@ -34,23 +34,28 @@ def _losses(workdir):
 @pytest.mark.slow
 def test_sigkill_after_checkpoint_then_restart_gives_the_same_losses(tiny_dataset, tmp_path):
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  subprocess.run(_cli(straight, tiny_dataset), cwd=ROOT, env=_env(), check=True,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+  # The uninterrupted reference runs beside the run to be killed (the two
+  # share the cores; neither's losses depend on timing).
+  reference = subprocess.Popen(_cli(straight, tiny_dataset), cwd=ROOT, env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    proc = subprocess.Popen(_cli(killed, tiny_dataset), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(killed, "checkpoints", "2")
+    deadline = time.time() + 600
+    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(ckpt), "the run never wrote its step-2 checkpoint"
+    done_before_kill = max(_losses(killed))
+    assert done_before_kill < 6, "the run finished before it could be killed"
 
-  proc = subprocess.Popen(_cli(killed, tiny_dataset), cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt = os.path.join(killed, "checkpoints", "2")
-  deadline = time.time() + 600
-  while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert os.path.exists(ckpt), "the run never wrote its step-2 checkpoint"
-  done_before_kill = max(_losses(killed))
-  assert done_before_kill < 6, "the run finished before it could be killed"
-
-  subprocess.run(_cli(killed, tiny_dataset), cwd=ROOT, env=_env(), check=True,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    subprocess.run(_cli(killed, tiny_dataset), cwd=ROOT, env=_env(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert reference.wait(timeout=600) == 0
+  finally:
+    reference.kill()  # A no-op once it has exited.
   a, b = _losses(straight), _losses(killed)
   for step in range(3, 7):
     assert b[step] == pytest.approx(a[step], rel=1e-6), (step, a, b)
