@@ -97,14 +97,13 @@ class Encoder:
         value = product.get(key)
         if value is None:
           continue
-        if key in FEATURE_KEYS and not isinstance(value, (bytes, bytearray, memoryview, str,
-                                                          os.PathLike)):
-          paths[key] = os.path.join(tmp, key + ".npy")
-          np.save(paths[key], _feature_array(key, value), allow_pickle=False)
-        elif isinstance(value, (bytes, bytearray, memoryview)):
+        if isinstance(value, (bytes, bytearray, memoryview)):
           paths[key] = os.path.join(tmp, key)
           with open(paths[key], "wb") as f:
             f.write(bytes(value))
+        elif key in FEATURE_KEYS and not isinstance(value, (str, os.PathLike)):  # An array.
+          paths[key] = os.path.join(tmp, key + ".npy")
+          np.save(paths[key], _feature_array(key, value), allow_pickle=False)
         else:
           paths[key] = os.fspath(value)
       m = media.decode_item_media(paths, int(c["image_size"]), int(c["max_frames"]),

@@ -446,7 +446,7 @@ def export(workdir: str, output_dir: str, *, step: int | None = None,
   counts = {}
   if splits:
     model = ScaleModel(config)
-    shardings = jax.tree.map(lambda s: s.sharding, abstract_params(config, device_mesh))
+    shardings = jax.tree.map(lambda a: a.sharding, params)  # As restored: no second init trace.
     embed_fn = embed_lib.make_embed_fn(model, device_mesh, shardings)
     os.makedirs(os.path.join(output_dir, EMBEDDINGS_DIR), exist_ok=True)
     for split in splits:
