@@ -58,18 +58,30 @@ def get_config(variant: str = ""):
   c.data.text_len = 36  # ... with the authors' inputs.
   c.data.table_len = 64
   c.data.vocab_size = 21128
+  # MLM / MEM pick slots, 27 in all (the LM head's logits are [batch, 27,
+  # 21128]): a full 36-token title at 15% overflows 11 slots for 0.1% of its
+  # picks, and 64 table tokens picked one by one would overflow 16 for 0.2%
+  # (MEM's whole keys and values vary more: watch lm_dropped/table).
+  c.loss.max_predictions.text = 11
+  c.loss.max_predictions.table = 16
   c.data.features.image = (36, 2048)
   c.data.features.video = (12, 1024)
   c.data.features.audio = (80, 751)
   for m in ("image", "video", "audio"):
     c.model.stem[m] = "features"
   # Each stack one scanned block, recomputed in the backward pass by slices of
-  # at most 16 sequences, and XLA:CPU's memory-optimised scheduler (its default
+  # at most 8 sequences, and XLA:CPU's memory-optimised scheduler (its default
   # allocates every stack's gradient buffer before the forward pass): batch 64
   # then peaks at ~5.0 GiB of host memory instead of ~17 GiB without remat
   # (README, "configs/scale_authors.py against the authors").
   c.model.scan_layers = True
   c.model.remat = True
-  c.model.remat_rows = 16
+  c.model.remat_rows = 8  # 16 until the LM loss left the model: 0.2 GiB more at batch 64.
+  # ... but a batch of at most 8 keeps its blocks' dense outputs and recomputes
+  # only the attention core and elementwise ops (batch 8 on a 2-core EPYC: 7.4 s
+  # a step in 4.3 GiB, against 9.0 s with full remat and 7.4 s in 5.9 GiB
+  # without remat).
+  c.model.remat_small_rows = 8
+  c.model.remat_small_policy = "dots"
   c.compiler_options = "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
   return c

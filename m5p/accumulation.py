@@ -45,13 +45,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from m5p.losses import masked
 from m5p.losses.total import compute_loss
 
 # The model outputs `compute_loss` reads, per example (batch-leading). The
-# others (the full LM logits [B, L, V], unimodal, fused) are not kept: a key
+# others (hidden states, unimodal, fused) are not kept: a key
 # missing here fails loudly (KeyError in compute_loss) rather than silently.
-LOSS_OUTPUTS = ("present", "z", "pooled", "mlm_nll", "mem_nll", "mrm_pred", "mfm_pred",
-                "mam_pred")
+LOSS_OUTPUTS = ("present", "z", "pooled", "mrm_pred", "mfm_pred", "mam_pred")
+# The LM logits at the pick slots, [B, P, V], are cached as their per-slot
+# cross-entropy `lm_nll` [B, P] instead (m5p.losses.masked.lm_slot_nll reads either).
 
 ValueAndGrad = Callable[[Any, dict, jax.Array], tuple[tuple[jax.Array, dict], Any]]
 
@@ -107,7 +109,9 @@ def make_value_and_grad(model: nn.Module, config: ml_collections.ConfigDict,
   def forward(params, micro_batch, dropout_rng, j):
     out = model.apply({"params": params}, micro_batch, train=True,
                       rngs={"dropout": jax.random.fold_in(dropout_rng, j)})
-    return {name: out[name] for name in LOSS_OUTPUTS}
+    kept = {name: out[name] for name in LOSS_OUTPUTS}
+    kept["lm_nll"] = masked.lm_token_nll(out["lm_logits"], masked.lm_targets(micro_batch))
+    return kept
 
   def value_and_grad(params, batch, dropout_rng):
     batch_size = jax.tree.leaves(batch)[0].shape[0]

@@ -5,6 +5,7 @@ Configs are Python files exposing `get_config()`; they start from
 is available to every config and overridable with `--config.x=y`.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -95,7 +96,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.proj_dim = 64  # Contrastive space (authors: 1024).
   c.model.patch_size = 8
   c.model.audio_patch = (32, 16)  # (time frames, mel bins) per audio token.
-  c.model.dropout = 0.0
+  c.model.dropout = 0.0  # Hidden states and embeddings.
+  # Attention probabilities; None: model.dropout. cuDNN attention
+  # (attention_impl='cudnn') has no dropout: set 0 to use it in training.
+  c.model.attention_dropout = config_dict.placeholder(float)
+  # The transformer's LayerNorm / gelu / dropout / attention (m5p.models.kernels):
+  # 'standard' (flax/JAX's ops: what GPUs and TPUs run), 'cpu' (XLA:CPU-tuned
+  # versions, same values) or 'auto' (each platform its own, chosen at lowering
+  # time, so an export for cpu, cuda and tpu carries both).
+  c.model.kernels = "auto"
+  # jax.nn.dot_product_attention's implementation on the standard kernels:
+  # None (JAX's choice), 'xla', or 'cudnn' (cuDNN flash attention, NVIDIA GPUs).
+  c.model.attention_impl = config_dict.placeholder(str)
   c.model.share_text_table = True  # Authors: text and table share one stack.
   c.model.video_uses_image_stack = True  # Authors: video reuses the image stack.
   c.model.missing = "mask"  # 'mask' (m5p) or 'zeros' (authors: zeros fed and attended).
@@ -108,6 +120,16 @@ def get_config() -> ml_collections.ConfigDict:
   # of the global batch, one after another (a block's activations held one
   # slice at a time; same FLOPs). 0: the whole batch at once.
   c.model.remat_rows = 0
+  # With remat: what a recomputed block keeps, 'nothing' (its input only) or
+  # 'dots' (its dense products' outputs too: more memory, a few percent of
+  # recomputation instead of a third; m5p.models.layers.REMAT_POLICIES).
+  c.model.remat_policy = "nothing"
+  # With remat: stack calls on at most this many sequences (global rows) use
+  # `remat_small_policy` instead: 'dots', 'nothing' or 'none' (not recomputed).
+  # The step is compiled per batch size, so one config can remat a batch of 64
+  # to fit and a batch of 8 only cheaply. 0: no call is small.
+  c.model.remat_small_rows = 0
+  c.model.remat_small_policy = "dots"
   # Each stack as one nn.scan over blocks with parameters stacked on a 'layers'
   # axis (params blocks/block/... instead of block0..): one compiled block per
   # stack, and with remat a backward pass that frees each block in turn.
@@ -130,6 +152,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.contrastive_weight = 1.0
   c.loss.masked_weight = 1.0  # Multiplies each of the five masked-task losses.
   c.loss.mask_prob = 0.15
+  # Pick slots per sequence for MLM (text) and MEM (table), BERT's
+  # max_predictions_per_seq (at most the sequence length): a sequence with more
+  # picks keeps a random `max_predictions` of them and the rest stay unmasked;
+  # how many were dropped is logged (`lm_dropped/<seq>`). The LM head runs on
+  # these slots only. Defaults: under 0.1% of picks dropped on the synthetic set.
+  c.loss.max_predictions = ml_collections.ConfigDict(dict(text=12, table=24))
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3

@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 from absl import app, flags
 
 from m5p.config_loader import apply_overrides
+from m5p.data import batch_spec
 
 FLAGS = flags.FLAGS
 
@@ -74,11 +75,9 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
 EXPORT_FILE = "export.json"
 
-# What the serving function takes: the eval-time batch fields the model reads.
-# The training-only fields (MLM/MEM targets, loss masks, MRM/MFM/MAM zeroing)
-# are all-zero / equal to the ids at eval time, so the function fills them in.
-SERVING_INPUTS = ("present", "text_ids", "text_mask", "table_ids", "table_mask", "table_segment",
-                  "table_field", "image", "image_mask", "video", "video_mask", "audio", "audio_mask")
+# What the serving function takes: the batch fields the model reads to embed
+# (no training field: picks, targets and input masking are training's only).
+SERVING_INPUTS = batch_spec.MODEL_INPUTS
 SERVING_OUTPUTS = ("fused", "pooled", "z", "present")
 # One file for all three: lowering for the others needs no such device and
 # adds about 1% (the params are shared constants).
@@ -277,24 +276,19 @@ def load_embeddings(path: str) -> dict:
 
 def serving_function(config, params: Any):
   """batch (SERVING_INPUTS) -> {fused, pooled, z, present}, params closed over
-  (they become constants of the exported module)."""
-  import jax.numpy as jnp
-  from m5p.data import batch_spec
+  (they become constants of the exported module).
+
+  The model runs with its config's kernels ('auto' by default: the CPU
+  kernels in the module's cpu branch, the standard ones for cuda and tpu,
+  picked when the module is compiled for its platform); cuDNN attention
+  (attention_impl='cudnn') is left to the GPU's runtime choice here, since
+  one module serves every platform."""
   from m5p.models.scale import ScaleModel
-  model = ScaleModel(config)
-  ni, na = batch_spec.num_image_patches(config), batch_spec.num_audio_patches(config)
-  t = batch_spec.num_video_frames(config)
+  serving_config = apply_overrides(config, {"model.attention_impl": None})
+  model = ScaleModel(serving_config)
 
   def serve(batch: dict) -> dict:
-    b = batch["present"].shape[0]
-    full = dict(batch)
-    full["text_targets"], full["table_targets"] = batch["text_ids"], batch["table_ids"]
-    for name, n in (("text_loss_mask", batch["text_ids"].shape[1]),
-                    ("table_loss_mask", batch["table_ids"].shape[1]),
-                    ("image_zero", ni), ("image_loss_mask", ni), ("video_zero", t),
-                    ("video_loss_mask", t), ("audio_zero", na), ("audio_loss_mask", na)):
-      full[name] = jnp.zeros((b, n), bool)
-    out = model.apply({"params": params}, full, train=False)
+    out = model.apply({"params": params}, {k: batch[k] for k in SERVING_INPUTS}, train=False)
     return {k: out[k] for k in SERVING_OUTPUTS}
 
   return serve
@@ -302,7 +296,6 @@ def serving_function(config, params: Any):
 
 def serving_input_specs(config, batch: int | str) -> dict[str, tuple[tuple, Any]]:
   """{name: (shape, dtype)} of the serving inputs; `batch` an int or 'b' (symbolic)."""
-  from m5p.data import batch_spec
   shapes = batch_spec.batch_shapes(config, 1)
   return {k: ((batch,) + shapes[k][0][1:], shapes[k][1]) for k in SERVING_INPUTS}
 

@@ -1,4 +1,4 @@
-"""AdamW with warmup + decay, gradient clipping, and no weight decay on biases and norms."""
+"""AdamW with warmup + decay, gradient clipping, and weight decay on kernels and embeddings only."""
 from __future__ import annotations
 
 import jax
@@ -21,9 +21,25 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), decay], [warmup])
 
 
+# The leaf names weight decay applies to: flax's Dense / Projection kernels and
+# nn.Embed / LearnedEmbedding tables.
+DECAYED_LEAVES = ("kernel", "embedding")
+
+
+def _leaf_name(path: tuple) -> str:
+  last = path[-1]
+  return str(getattr(last, "key", getattr(last, "name", last)))
+
+
 def decay_mask(params) -> object:
-  """Weight decay on matrices only: biases, norm scales (1-D) are left alone."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for the leaves AdamW decays: kernels and embedding tables, by name.
+
+  Never biases, LayerNorm scales and biases, the LM bias or the temperature,
+  whatever their rank: the q/k/v biases are (heads, head_dim), and under
+  model.scan_layers every bias and LayerNorm parameter is stacked to
+  [layers, ...], so a rank test would decay them."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in DECAYED_LEAVES,
+                                          params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:

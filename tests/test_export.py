@@ -378,3 +378,27 @@ def test_search_tool_prints_the_nearest_products(run, encoder, capsys, monkeypat
   assert "no such file" in capsys.readouterr().err
   assert search.main([f"--export={run.root / 'nothing'}", "--query=x"]) == 2
   assert "no such export" in capsys.readouterr().err
+
+
+def test_serving_export_carries_the_standard_kernels_for_cuda_and_tpu(run):
+  """The serving export for ('cpu', 'cuda', 'tpu') holds the CPU kernels
+  only behind its platform switch (branch 0 of each platform_dependent);
+  the same serving function lowered for cuda or for tpu alone holds none of
+  them, and for cpu alone it does (StableHLO text with debug locations)."""
+  from m5p.models import kernels
+  scope = "m5p_cpu_kernels"
+  with open(os.path.join(run.export_dir, "serving", "model.jax"), "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  assert tuple(exported.platforms) == ("cpu", "cuda", "tpu")
+  assert run.config.model.kernels == "auto" and "auto" in kernels.KERNELS
+  text = exported.mlir_module()
+  locations = [line for line in text.splitlines() if scope in line and line.startswith("#loc")]
+  assert locations, "no CPU kernel in the multi-platform module"
+  assert all(f"branch_0_fun/{scope}" in line for line in locations), locations[:3]
+  params, config = export.load_params(run.export_dir, config_overrides={
+      "mesh": dict(data=1, fsdp=1, model=1, num_devices=1)})
+  fn = jax.jit(export.serving_function(config, jax.device_get(params)))
+  specs = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in export.serving_input_specs(config, 2).items()}
+  for platform in ("cpu", "cuda", "tpu"):
+    lowered = jax.export.export(fn, platforms=(platform,))(specs).mlir_module()
+    assert (scope in lowered) == (platform == "cpu"), platform

@@ -225,21 +225,29 @@ def test_sharded_batch_gives_global_batch_loss_and_grads():
 
 # ----------------------------------------------------------------- masked --
 
-def test_cross_entropy_ignores_unpicked_positions():
+def test_lm_cross_entropy_at_the_slots_ignores_empty_slots():
+  """The LM loss over pick slots: per-slot cross-entropy (lm_token_nll) and
+  its weighted token mean, against a hand computation; an empty slot's
+  logits (even huge) do not matter, and no picks give 0."""
   rng = np.random.default_rng(5)
   logits = rng.standard_normal((3, 4, 7)).astype(np.float32)
   targets = rng.integers(0, 7, (3, 4))
   picked = np.zeros((3, 4), bool)
   picked[0, 1] = picked[2, 3] = picked[2, 0] = True
   weight = np.array([0.5, 1.0, 2.0], np.float32)
-  loss = float(masked.cross_entropy_loss(logits, targets, picked, weight))
+
+  def loss_of(logits, slots):
+    return float(masked.weighted_token_mean(masked.lm_token_nll(logits, targets),
+                                            slots.astype(np.float32), weight))
+
   ref = 0.0
   for b, t in zip(*np.nonzero(picked)):
     ref += weight[b] * (_logsumexp(logits[b, t]) - logits[b, t, targets[b, t]])
+  loss = loss_of(logits, picked)
   np.testing.assert_allclose(loss, ref / picked.sum(), rtol=1e-5)
-  noisy = np.where(picked[..., None], logits, rng.standard_normal(logits.shape) * 100)
-  assert float(masked.cross_entropy_loss(noisy, targets, picked, weight)) == pytest.approx(loss, rel=1e-6)
-  assert float(masked.cross_entropy_loss(logits, targets, np.zeros_like(picked), weight)) == 0.0
+  noisy = np.where(picked[..., None], logits, rng.standard_normal(logits.shape) * 1e30)
+  assert loss_of(noisy.astype(np.float32), picked) == pytest.approx(loss, rel=1e-6)
+  assert loss_of(logits, np.zeros_like(picked)) == 0.0
 
 
 def test_mse_ignores_unpicked_positions():

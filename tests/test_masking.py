@@ -61,3 +61,27 @@ def test_zero_tokens_rates():
     picked_total += picked.sum()
   assert abs(picked_total / (2000 * 80) - 0.15) < 0.005
   assert abs(zeroed_total / picked_total - 0.9) < 0.01
+
+
+def test_picks_over_the_cap_are_dropped_at_random_and_unmasked():
+  """cap_picks keeps a random `slots` of a row's picks (every position can
+  survive), restores the others' input ids and counts them; lm_slots lays
+  the kept picks out in order with their original ids and weight 1."""
+  from m5p.data import batch_spec
+  rng = np.random.default_rng(3)
+  ids = np.arange(10, 30)
+  picked = np.zeros(20, bool)
+  picked[[2, 5, 7, 11, 13, 17]] = True
+  masked = np.where(picked, MASK_ID, ids)
+  survivors = np.zeros(20, int)
+  for _ in range(300):
+    out, kept, dropped = masking.cap_picks(masked, ids, picked, 4, rng)
+    assert dropped == 2 and kept.sum() == 4 and (kept <= picked).all()
+    assert (out[kept] == MASK_ID).all() and (out[~kept] == ids[~kept]).all()
+    survivors += kept
+    positions, lm_ids, weights, extra = batch_spec.lm_slots(kept, ids, 5)
+    assert extra == 0 and list(weights) == [1, 1, 1, 1, 0]
+    assert (positions[:4] == np.flatnonzero(kept)).all() and (lm_ids[:4] == ids[kept]).all()
+  assert (survivors[picked] > 0).all() and survivors[~picked].sum() == 0
+  out, kept, dropped = masking.cap_picks(masked, ids, picked, 6, rng)  # Fits: unchanged.
+  assert dropped == 0 and (out == masked).all() and (kept == picked).all()

@@ -19,15 +19,16 @@ from m5p.data import batch_spec
 from m5p.losses.total import compute_loss
 from m5p.modalities import MODALITIES, PAIR_NAMES
 from m5p.models import towers
-from m5p.models.scale import ScaleModel, init_batch, lm_pick_capacity
+from m5p.losses import masked
+from m5p.models.scale import ScaleModel, init_batch
 
 B = 6
 FAST = dict(image_layers=0, audio_layers=0)  # Layers dropped from the compiled test model.
 
 FIELDS = {
-    "text": ("text_ids", "text_mask", "text_targets", "text_loss_mask"),
-    "table": ("table_ids", "table_mask", "table_segment", "table_field", "table_targets",
-              "table_loss_mask"),
+    "text": ("text_ids", "text_mask", "text_lm_positions", "text_lm_ids", "text_lm_weights"),
+    "table": ("table_ids", "table_mask", "table_segment", "table_field", "table_lm_positions",
+              "table_lm_ids", "table_lm_weights"),
     "image": ("image", "image_zero", "image_loss_mask"),
     "video": ("video", "video_mask", "video_zero", "video_loss_mask"),
     "audio": ("audio", "audio_mask", "audio_zero", "audio_loss_mask"),
@@ -101,10 +102,12 @@ def setup():
 def test_output_shapes(setup):
   config, _, _, _, _, (out, metrics, _) = setup
   d, v = config.model.width, config.data.vocab_size
+  lt, lp = config.data.text_len, config.data.table_len
   expected = {
       "present": (B, 5), "unimodal": (B, 5, d), "z": (B, 5, config.model.proj_dim),
-      "pooled": (B, 5, d), "fused": (B, d),
-      "mlm_logits": (B, config.data.text_len, v), "mem_logits": (B, config.data.table_len, v),
+      "pooled": (B, 5, d), "fused": (B, d), "text_hidden": (B, lt, d), "table_hidden": (B, lp, d),
+      "lm_logits": (B, batch_spec.max_predictions(config, "text")
+                    + batch_spec.max_predictions(config, "table"), v),
       "mrm_pred": (B, batch_spec.num_image_patches(config), 8 * 8 * 3),
       "mfm_pred": (B, config.data.max_frames, towers.mfm_target_dim(config)),
       "mam_pred": (B, batch_spec.num_audio_patches(config), 16 * 16),
@@ -159,60 +162,67 @@ def test_zeros_mode_differs_only_with_absent_modalities(setup):
   pooled = np.asarray(out["pooled"])
   # Samples with all five modalities: identical to 'mask'.
   np.testing.assert_allclose(zeros["pooled"][full], pooled[full], atol=1e-5)
-  np.testing.assert_allclose(zeros["mlm_logits"][full], np.asarray(out["mlm_logits"])[full], atol=1e-5)
+  np.testing.assert_allclose(zeros["lm_logits"][full], np.asarray(out["lm_logits"])[full], atol=1e-5)
   # Samples missing some: their present modalities attended zero-filled tokens.
   diff = np.abs(zeros["pooled"] - pooled).max(-1)
   assert np.all(diff[~full][present[~full]] > 1e-4)
   assert np.all(zeros["pooled"][~present] == 0.0)
 
 
-def _nll_from_logits(out, batch, config):
-  """The LM cross-entropy from the full logits, at the picked positions: the reference."""
-  nll = []
-  for m, name in enumerate(("text", "table")):
-    logits = out["mlm_logits" if m == 0 else "mem_logits"]
-    targets = jnp.clip(jnp.asarray(batch[f"{name}_targets"]), 0, config.data.vocab_size - 1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    token = jax.nn.logsumexp(logits, -1) - target_logit
-    present = jnp.asarray(batch["present"])[:, m:m + 1]
-    picked = jnp.asarray(batch[f"{name}_loss_mask"], bool) & present
-    nll.append(jnp.where(picked, token, 0.0))
-  return jnp.concatenate(nll, axis=1)
-
-
-def test_lm_head_on_picked_positions_matches_the_full_logits(setup):
-  """mlm_nll / mem_nll (the head on the picked slots, or with a row holding
-  more picks than slots the chunked fallback) equal the cross-entropy of the
-  full logits, values and gradients."""
+def test_lm_loss_at_the_pick_slots_equals_the_dense_full_vocabulary_loss(setup):
+  """MLM and MEM as the losses compute them (the LM head at the batch's pick
+  slots) equal, value and gradients, a dense reference: the head on every
+  text and table position, the full-vocabulary cross-entropy taken at the
+  picked positions, weighted and averaged by hand."""
   config, _, params, _, batch, _ = setup
-  capacity = lm_pick_capacity(config)
-  assert capacity < config.data.text_len + config.data.table_len
+  batch = {k: v.copy() for k, v in batch.items()}
+  for name in ("text", "table"):  # Row 0 (all present) picks positions 1 and 3 too.
+    slots = batch[f"{name}_lm_positions"].shape[1]
+    positions = np.array([1, 3] + [0] * (slots - 2), np.int32)
+    batch[f"{name}_lm_positions"][0] = positions
+    batch[f"{name}_lm_ids"][0] = batch[f"{name}_ids"][0, positions] * (np.arange(slots) < 2)
+    batch[f"{name}_lm_weights"][0] = np.arange(slots) < 2
+  assert batch["text_lm_dropped"].sum() == 0 and batch["table_lm_dropped"].sum() == 0
   model = ScaleModel(config)
-  weights = jnp.asarray(np.random.default_rng(3).uniform(
-      0.5, 1.5, (B, config.data.text_len + config.data.table_len)), jnp.float32)
+  dense = dict(batch)
+  for name in ("text", "table"):  # The head on every position.
+    length = batch[f"{name}_ids"].shape[1]
+    dense[f"{name}_lm_positions"] = np.broadcast_to(np.arange(length, dtype=np.int32), (B, length))
 
-  def total(p, batch, from_logits):
+  def picked_loss(p):
     out = model.apply(p, batch, train=False)
-    nll = (_nll_from_logits(out, batch, config) if from_logits
-           else jnp.concatenate([out["mlm_nll"], out["mem_nll"]], axis=1))
-    return jnp.sum(nll * weights), nll
+    m = masked.masked_losses(out, batch, config)
+    return m["mlm"] + 10 * m["mem"], (m["mlm"], m["mem"])
+
+  def dense_loss(p):
+    out = model.apply(p, dense, train=False)
+    present = np.asarray(batch["present"])
+    w = masked.masked_task_weights(out["pooled"], jnp.asarray(present))
+    losses = []
+    lt = batch["text_ids"].shape[1]
+    for m, name in enumerate(("text", "table")):
+      logits = out["lm_logits"][:, :lt] if m == 0 else out["lm_logits"][:, lt:]  # Every position.
+      targets = np.zeros(logits.shape[:2], np.int32)  # Original ids at the picks.
+      picked = np.zeros(logits.shape[:2], bool)
+      for b in range(B):
+        n = int(batch[f"{name}_lm_weights"][b].sum()) * bool(present[b, m])
+        pos = batch[f"{name}_lm_positions"][b, :n]
+        targets[b, pos], picked[b, pos] = batch[f"{name}_lm_ids"][b, :n], True
+      nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+      total = jnp.sum(jnp.where(picked, nll * w[:, m:m + 1], 0.0))
+      losses.append(total / picked.sum())
+    return losses[0] + 10 * losses[1], tuple(losses)
 
   @jax.jit
-  def both(p, batch):
-    return (jax.grad(total, has_aux=True)(p, batch, False),
-            jax.grad(total, has_aux=True)(p, batch, True))
+  def both(p):
+    return (jax.value_and_grad(picked_loss, has_aux=True)(p),
+            jax.value_and_grad(dense_loss, has_aux=True)(p))
 
-  overflow = {k: v.copy() for k, v in batch.items()}
-  overflow["text_loss_mask"][0] = True  # Row 0 (all modalities present) picks every
-  overflow["table_loss_mask"][0] = True  # text and table position.
-  for b, over in ((batch, False), (overflow, True)):
-    picks = b["text_loss_mask"].sum(1) + b["table_loss_mask"].sum(1)
-    assert (picks.max() > capacity) == over and picks.sum() > 0
-    (g_picked, nll_picked), (g_full, nll_full) = both(params, b)
-    assert float(jnp.abs(nll_full).sum()) > 0
-    np.testing.assert_allclose(np.asarray(nll_picked), np.asarray(nll_full), rtol=1e-5, atol=1e-5)
-    jax.tree.map(lambda a, c: np.testing.assert_allclose(np.asarray(a), np.asarray(c),
-                                                         rtol=1e-4, atol=1e-6), g_picked, g_full)
+  ((_, got), g_picked), ((_, want), g_dense) = both(params)
+  assert float(want[0]) > 0 and float(want[1]) > 0
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+  jax.tree.map(lambda a, c: np.testing.assert_allclose(np.asarray(a), np.asarray(c),
+                                                       rtol=1e-5, atol=1e-7), g_picked, g_dense)
 
 
 def test_parameters_carry_logical_axis_names():
@@ -251,4 +261,4 @@ def test_sharing_flags_and_bfloat16_build():
   assert "stack" in unshared["table"] and "video_frames" in unshared
   params, out = abstract(tiny_config(dtype="bfloat16"))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  assert out["pooled"].dtype == jnp.float32 and out["mlm_logits"].dtype == jnp.float32
+  assert out["pooled"].dtype == jnp.float32 and out["lm_logits"].dtype == jnp.float32

@@ -27,6 +27,34 @@ def test_batches_match_the_batch_spec(tiny_dataset):
   assert not (batch["video_mask"].any(1) & ~batch["present"][:, 3]).any()
 
 
+def test_lm_picks_are_static_slots_of_the_masked_tokens(tiny_dataset):
+  """MLM / MEM picks come as fixed-size slots (config.loss.max_predictions):
+  every slot with weight 1 points at a picked position whose target is the
+  original token; every masked ([MASK]) input token has a slot; with one
+  slot a sequence, the extra picks are counted in `<seq>_lm_dropped` and
+  their inputs left unmasked."""
+  from m5p.data.tokenizer import MASK_ID
+  for slots in (None, 1):
+    c = tiny_config(**({} if slots is None else {"loss.max_predictions.text": slots,
+                                                  "loss.max_predictions.table": slots}))
+    batch = next(iter(pipeline.train_dataset(c, tiny_dataset)))
+    for name in ("text", "table"):
+      ids, weights = batch[f"{name}_ids"], batch[f"{name}_lm_weights"]
+      positions, targets = batch[f"{name}_lm_positions"], batch[f"{name}_lm_ids"]
+      assert positions.shape == (c.batch_size, batch_spec.max_predictions(c, name))
+      rows = np.arange(c.batch_size)[:, None]
+      real = weights > 0
+      assert (targets[real] != MASK_ID).all() and (targets[real] > 4).all()
+      slotted = np.zeros(ids.shape, bool)
+      slotted[np.broadcast_to(rows, positions.shape)[real], positions[real]] = True
+      assert ((ids == MASK_ID) <= slotted).all()  # No masked input without a slot.
+      dropped = batch[f"{name}_lm_dropped"]
+      if slots is None:
+        assert real.sum() > 0 and dropped.sum() == 0, name
+      else:
+        assert dropped.sum() > 0 and (real.sum(1) <= 1).all(), name
+
+
 def test_same_seed_same_batches_and_other_seed_differs(tiny_dataset):
   c = tiny_config()
   a = _take(iter(pipeline.train_dataset(c, tiny_dataset)), 3)

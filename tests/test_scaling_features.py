@@ -81,13 +81,14 @@ def assert_same_step(got, ref, name):
                                err_msg=f"{name} {jax.tree_util.keystr(path)}")
 
 
-@pytest.mark.parametrize("rows", [0, 3])
-def test_remat_gives_the_same_loss_and_gradients(setup, reference, rows):
-  """Whole-batch remat, and remat by slices of at most 3 rows (each stack
-  cuts its rows into the fewest slices that divide them: 4 slices of 2 for
-  a batch of 8)."""
-  assert_same_step(run(setup, **{"model.remat": True, "model.remat_rows": rows}), reference,
-                   f"remat rows={rows}")
+@pytest.mark.parametrize("rows, policy", [(0, "nothing"), (3, "nothing"), (0, "dots")])
+def test_remat_gives_the_same_loss_and_gradients(setup, reference, rows, policy):
+  """Whole-batch remat, remat by slices of at most 3 rows (each stack cuts
+  its rows into the fewest slices that divide them: 4 slices of 2 for a
+  batch of 8), and remat keeping the dense products' outputs ('dots')."""
+  assert_same_step(run(setup, **{"model.remat": True, "model.remat_rows": rows,
+                                 "model.remat_policy": policy}), reference,
+                   f"remat rows={rows} policy={policy}")
 
 
 def test_remat_slices_divide_the_rows():
@@ -95,11 +96,11 @@ def test_remat_slices_divide_the_rows():
   assert layers.remat_slices(7, 3) == 7 and layers.remat_slices(12, 5) == 3
 
 
-def test_scanned_layers_give_the_same_loss_and_gradients(setup, reference):
-  """model.scan_layers (with remat by batch slices, as configs/scale_authors.py):
-  the unrolled parameters stacked (scan_layout) give the unrolled step's loss
-  and, unstacked, its gradients; the image stack's CLS-only `split` is
-  covered (the tiny model's frames share it)."""
+@pytest.fixture(scope="module")
+def scanned(setup):
+  """(loss, metrics, grads in the scanned layout) of model.scan_layers (with
+  remat by batch slices, as configs/scale_authors.py) from the unrolled
+  params stacked (scan_layout)."""
   params, batch = setup
   c = config(**{"model.scan_layers": True, "model.remat": True, "model.remat_rows": 4})
   stacked = scan_layout.stack_blocks(params)
@@ -108,8 +109,45 @@ def test_scanned_layers_give_the_same_loss_and_gradients(setup, reference):
   assert jax.tree.structure(meta.unbox(shapes)) == jax.tree.structure(stacked)
   (loss, metrics), grads = compile_and_run(train.make_value_and_grad(ScaleModel(c), c), stacked,
                                             batch, jax.random.key(1))
-  grads = jax.tree.map(np.asarray, jax.device_get(scan_layout.unstack_blocks(grads)))
-  assert_same_step((float(loss), jax.device_get(metrics), grads), reference, "scan remat rows=4")
+  return float(loss), jax.device_get(metrics), jax.tree.map(np.asarray, jax.device_get(grads))
+
+
+def test_scanned_layers_give_the_same_loss_and_gradients(scanned, reference):
+  """The scanned step's loss and, unstacked, its gradients are the unrolled
+  step's; the image stack's CLS-only `split` is covered (the tiny model's
+  frames share it)."""
+  loss, metrics, grads = scanned
+  assert_same_step((loss, metrics, scan_layout.unstack_blocks(grads)), reference, "scan remat rows=4")
+
+
+def test_scanned_and_unrolled_optimizer_steps_update_the_params_alike(setup, reference, scanned):
+  """The optimizer step (AdamW, weight decay 0.1 through optim.decay_mask) on
+  the scanned layout's params and gradients gives, unstacked, the unrolled
+  step's params. eps=1 keeps AdamW's update linear in small gradients, so
+  rounding in the gradients cannot flip a near-sign update; lr 0.1 makes the
+  decay (lr * 0.1 * p) stand out. A rank-based mask (decaying the stacked
+  biases and LayerNorm parameters) fails this, as the test checks too."""
+  import optax
+  params = setup[0]
+
+  def step(p, g, mask):
+    tx = optax.adamw(0.1, b1=0.9, b2=0.98, eps=1.0, weight_decay=0.1, mask=mask)
+    updates, _ = tx.update(g, tx.init(p), p)
+    return jax.device_get(optax.apply_updates(p, updates))
+
+  step = jax.jit(step, static_argnums=2)
+  want = step(params, reference[2], optim.decay_mask)
+  stacked = scan_layout.stack_blocks(params)
+  got = scan_layout.unstack_blocks(step(stacked, scanned[2], optim.decay_mask))
+  moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+           for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(params))]
+  assert np.mean(np.array(moved) > 1e-6) > 0.9, moved  # The step really moved the params.
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  by_rank = scan_layout.unstack_blocks(
+      step(stacked, scanned[2], lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+  ln_scale = lambda p: p["jct"]["block0"]["ln_attn"]["scale"]
+  assert np.max(np.abs(ln_scale(by_rank) - ln_scale(want))) > 1e-3
 
 
 def test_scanned_layers_stack_parameters_on_a_replicated_layers_axis():
@@ -266,54 +304,6 @@ def test_sharding_rules_from_a_string():
     sharding.rules(c)
 
 
-# --- Dropout (m5p.models.layers: keep_mask, Dropout, attention dropout) ---------
-
-def test_dropout_hash_rate_and_attention_gradients():
-  """The unrolled hash is jax's Threefry-2x32; masks keep ~1 - rate with the
-  exact scale; the custom-VJP attention with a dropout mask has autodiff's
-  values and gradients for that mask. (One jitted program: eager ops would
-  each compile.)"""
-  from jax.extend.random import threefry_2x32
-  b, h, l, k = 2, 3, 7, 4
-  bias = jnp.where(jnp.arange(l) < 5, 0.0, layers.MASK_VALUE)[None].repeat(b, 0)
-  _, kp = layers.keep_mask(jax.random.key(9), (1,), 0.3)
-
-  @jax.jit
-  def run():
-    key = jax.random.key_data(jax.random.key(5))
-    count = jnp.arange(16, dtype=jnp.uint32)
-    out = {"hash": jnp.concatenate(layers._threefry2x32(key[0], key[1], count[:8], count[8:])),
-           "hash_ref": threefry_2x32(key, count)}
-    out["keep"] = layers.keep_mask(jax.random.key(0), (300, 333), 0.1)[0]
-    out["again"] = layers.keep_mask(jax.random.key(0), (300, 333), 0.1)[0]
-    out["other"] = layers.keep_mask(jax.random.key(1), (300, 333), 0.1)[0]
-    out["dropped"] = layers.Dropout(0.1).apply({}, jnp.ones((7, 5)), False,
-                                               rngs={"dropout": jax.random.key(2)})
-    q, kk, v, g = (jax.random.normal(jax.random.key(i), (b, h, l, k)) for i in range(4))
-    mask = layers.keep_mask(jax.random.key(9), (b, h, l, l), 0.3)[0]
-
-    def reference(q, kk, v):
-      p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, kk) + bias[:, None, None], axis=-1)
-      return jnp.einsum("bhqk,bhkd->bhqd", jnp.where(mask, p / kp, 0.0), v)
-
-    for name, f in (("core", lambda *a: layers._attention_core(*a, bias, mask, kp)),
-                    ("ref", reference)):
-      y, vjp = jax.vjp(f, q, kk, v)
-      out[name] = (y,) + vjp(g)
-    return out
-
-  r = jax.device_get(run())
-  np.testing.assert_array_equal(r["hash"], r["hash_ref"])
-  keep = r["keep"]
-  assert keep.shape == (300, 333) and abs(float(keep.mean()) - 0.9) < 4e-3  # ~7 sigma of 1e5 draws.
-  assert (keep == r["again"]).all() and not (keep == r["other"]).all()
-  y = r["dropped"]
-  np.testing.assert_allclose(y[y != 0], 1 / layers.keep_mask(jax.random.key(0), (1,), 0.1)[1],
-                             rtol=1e-6)
-  for got, want in zip(r["core"], r["ref"]):  # Output, then d/dq, d/dk, d/dv.
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
 # --- config.compiler_options (m5p.train.compiler_options, jit_train_step) -------
 
 def test_compiler_options_parse_and_keep_only_this_backends():
@@ -354,3 +344,32 @@ def test_compiler_options_reach_xla_through_the_trainers_jit():
   memory_optimized = _train_step_temp_bytes("xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
   print(f"temp bytes: default {default}, memory-optimised {memory_optimized}")
   assert memory_optimized < 0.9 * default, (memory_optimized, default)
+
+
+# --- config.model.kernels (m5p.models.kernels) -------------------------------------
+
+def test_standard_kernels_give_the_cpu_kernels_loss_and_gradients(setup, reference):
+  """'standard' (flax / jax.nn ops) against the reference step, whose 'auto'
+  kernels are the CPU kernels on this platform (tests/test_kernels.py checks
+  that 'auto' lowers to them for cpu): fp32, dropout off, one device."""
+  assert_same_step(run(setup, **{"model.kernels": "standard"}), reference, "standard kernels")
+
+
+def test_remat_small_rows_change_the_policy_of_small_stack_calls(setup):
+  """model.remat_small_rows: a stack call on at most that many sequences
+  takes model.remat_small_policy ('none': no recomputation in the traced
+  step); on more, the general policy."""
+  params, batch = setup
+
+  def checkpoints(**overrides):
+    c = config(**{"model.remat": True, **overrides})
+    jaxpr = jax.make_jaxpr(train.make_value_and_grad(ScaleModel(c), c))(params, batch,
+                                                                        jax.random.key(1))
+    return str(jaxpr).count("remat2[")  # The recomputed backward of each remat call.
+
+  rows = batch["present"].shape[0]  # The smallest stack call runs the batch's rows.
+  # Frames run through the image stack as batch x (1 + frames) rows: still remat'd.
+  every = checkpoints()
+  small = {"model.remat_small_policy": "none"}
+  assert 0 < checkpoints(**{"model.remat_small_rows": rows, **small}) < every
+  assert checkpoints(**{"model.remat_small_rows": 100 * rows, **small}) == 0

@@ -106,14 +106,19 @@ def _peak_rss_since_reset() -> int | None:
 def machine() -> dict:
   """What the numbers were measured on."""
   cpu = platform.processor() or platform.machine()
+  features: list[str] = []
   try:
     with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+      lines = f.readlines()
+    names = [l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")]
     cpu = names[0] if names else cpu
+    flags_line = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+    # What sets the fp32 / bf16 matmul rates XLA:CPU reaches.
+    features = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags_line]
   except OSError:
     pass
-  return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
-          "load_avg": [round(x, 2) for x in os.getloadavg()]}
+  return {"cpu": cpu, "cpus": os.cpu_count(), "features": features,
+          "platform": platform.platform(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def bench_one(config, batch_size: int, steps: int, warmup: int, rss_start: int) -> dict:
@@ -276,7 +281,8 @@ def main(argv):
     rows = [bench_one(config, b, FLAGS.steps, FLAGS.warmup, rss_start) for b in sizes]
   after = machine()
   m = rows[0]
-  print(f"machine: {before['cpu']}, {before['cpus']} CPUs, {before['platform']}; load average "
+  print(f"machine: {before['cpu']} ({' '.join(before['features']) or 'no CPU feature flags'}), "
+        f"{before['cpus']} CPUs, {before['platform']}; load average "
         f"{before['load_avg'][0]:.2f} before, {after['load_avg'][0]:.2f} after")
   print(f"devices: {m['devices']} x {m['device_kind']} ({m['platform']}); mesh {m['mesh']}; "
         f"dtype {config.model.dtype}; remat {bool(config.model.get('remat', False))}; "

@@ -4,14 +4,17 @@ Every batch is a flat dict of fixed-shape numpy/jax arrays (B = batch):
 
   text_ids        [B, Lt]  int32  [CLS] title tokens, MLM-masked input
   text_mask       [B, Lt]  bool   real (non-pad) tokens
-  text_targets    [B, Lt]  int32  original ids (MLM targets)
-  text_loss_mask  [B, Lt]  bool   positions picked for MLM
+  text_lm_positions [B, Pt] int32 positions picked for MLM (BERT's
+                                  masked_lm_positions; Pt = max_predictions.text)
+  text_lm_ids     [B, Pt]  int32  their original ids (the MLM targets)
+  text_lm_weights [B, Pt]  float32 1 for a real pick, 0 for an empty slot
+  text_lm_dropped [B]      int32  picks beyond the Pt slots (unmasked again, not predicted)
   table_ids       [B, Lp]  int32  [CLS] k1 v1 k2 v2 ... tokens, MEM-masked input
   table_mask      [B, Lp]  bool
   table_segment   [B, Lp]  int32  0 [CLS]/pad, 1 key token, 2 value token
   table_field     [B, Lp]  int32  index of the key/value pair (< max_fields)
-  table_targets   [B, Lp]  int32
-  table_loss_mask [B, Lp]  bool   tokens of the picked keys / values (MEM)
+  table_lm_positions, table_lm_ids, table_lm_weights [B, Pp], table_lm_dropped [B]:
+                                  the same for MEM (tokens of the picked keys / values)
   image           [B, H, W, 3]     uint8   ('features' stem: [B, Ni, Di] float32)
   image_mask      [B, Ni]  bool   real image tokens (patches: all, when present)
   image_zero      [B, Ni]  bool   patches zeroed at the input (MRM)
@@ -29,7 +32,9 @@ Every batch is a flat dict of fixed-shape numpy/jax arrays (B = batch):
   fine_group      [B]      int32  instance group, -1 none
   index           [B]      int32  record index within its split (-1 for padding rows)
 
-Absent modalities are zero-filled with all masks False. Ni = (H/patch)^2,
+Absent modalities are zero-filled with all masks False. The model needs only
+`MODEL_INPUTS` (what serving feeds); the rest are training targets and
+input masking (`TRAINING_FIELDS`) and bookkeeping. Ni = (H/patch)^2,
 Na = (Ta/audio_patch[0]) * (F/audio_patch[1]), T = max_frames; with a
 'features' stem (config.model.stem) the modality's field holds its
 precomputed features cut or padded to config.data.features[m] = (tokens,
@@ -42,6 +47,24 @@ import numpy as np
 
 
 STEMS = ("media", "features")
+LM_SEQUENCES = ("text", "table")  # The sequences the LM head predicts picks of (MLM, MEM).
+
+# The fields the model reads to embed a product (evaluation, serving).
+MODEL_INPUTS = ("present", "text_ids", "text_mask", "table_ids", "table_mask", "table_segment",
+                "table_field", "image", "image_mask", "video", "video_mask", "audio", "audio_mask")
+# Training only: the masked tasks' picks, targets and input masking.
+TRAINING_FIELDS = tuple(f"{s}_lm_{f}" for s in LM_SEQUENCES
+                        for f in ("positions", "ids", "weights", "dropped")) + tuple(
+    f"{m}_{f}" for m in ("image", "video", "audio") for f in ("zero", "loss_mask"))
+
+
+def max_predictions(config: ml_collections.ConfigDict, sequence: str) -> int:
+  """Pick slots per sequence for MLM ('text') / MEM ('table'):
+  config.loss.max_predictions, at most the sequence's length."""
+  value = int(config.loss.max_predictions[sequence])
+  if value < 1:
+    raise ValueError(f"config.loss.max_predictions.{sequence}={value}: expected >= 1")
+  return min(value, int(config.data.text_len if sequence == "text" else config.data.table_len))
 
 
 def stem(config: ml_collections.ConfigDict, modality: str) -> str:
@@ -89,11 +112,29 @@ def num_audio_patches(config: ml_collections.ConfigDict) -> int:
   return t * f
 
 
+def lm_slots(picked: np.ndarray, targets: np.ndarray, slots: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.int32]:
+  """One sequence's picks [L] bool and original ids [L] -> (positions [slots]
+  int32, ids [slots] int32, weights [slots] float32, dropped): the picked
+  positions in order, then empty slots (position 0, id 0, weight 0); picks
+  beyond `slots` are counted in `dropped` (the pipeline caps them first, see
+  masking.cap_picks, so this is 0 there)."""
+  where = np.flatnonzero(picked)
+  kept = where[:slots]
+  positions = np.zeros(slots, np.int32)
+  positions[:len(kept)] = kept
+  ids = np.zeros(slots, np.int32)
+  ids[:len(kept)] = targets[kept]
+  weights = (np.arange(slots) < len(kept)).astype(np.float32)
+  return positions, ids, weights, np.int32(len(where) - len(kept))
+
+
 def batch_shapes(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Shape and dtype of every batch field."""
   d, B = config.data, batch_size
   lt, lp, s = d.text_len, d.table_len, d.image_size
   ni, t, na = num_image_patches(config), num_video_frames(config), num_audio_patches(config)
+  pt, pp = max_predictions(config, "text"), max_predictions(config, "table")
   i32, b8, f32 = np.dtype(np.int32), np.dtype(bool), np.dtype(np.float32)
   media = {
       "image": ((B, ni, feature_shape(config, "image")[1]), f32)
@@ -105,10 +146,12 @@ def batch_shapes(config: ml_collections.ConfigDict, batch_size: int) -> dict[str
   }
   return {
       "text_ids": ((B, lt), i32), "text_mask": ((B, lt), b8),
-      "text_targets": ((B, lt), i32), "text_loss_mask": ((B, lt), b8),
+      "text_lm_positions": ((B, pt), i32), "text_lm_ids": ((B, pt), i32),
+      "text_lm_weights": ((B, pt), f32), "text_lm_dropped": ((B,), i32),
       "table_ids": ((B, lp), i32), "table_mask": ((B, lp), b8),
       "table_segment": ((B, lp), i32), "table_field": ((B, lp), i32),
-      "table_targets": ((B, lp), i32), "table_loss_mask": ((B, lp), b8),
+      "table_lm_positions": ((B, pp), i32), "table_lm_ids": ((B, pp), i32),
+      "table_lm_weights": ((B, pp), f32), "table_lm_dropped": ((B,), i32),
       "image": media["image"], "image_mask": ((B, ni), b8),
       "image_zero": ((B, ni), b8), "image_loss_mask": ((B, ni), b8),
       "video": media["video"], "video_mask": ((B, t), b8),
@@ -128,6 +171,9 @@ def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int =
   shapes = batch_shapes(config, batch_size)
   b = {}
   for name, (shape, dtype) in shapes.items():
+    if name in TRAINING_FIELDS and name.endswith(("_lm_positions", "_lm_ids", "_lm_weights",
+                                                  "_lm_dropped")):
+      continue  # Set below, from the masks.
     if dtype == np.uint8:
       b[name] = rng.integers(0, 256, shape, dtype=np.uint8)
     elif dtype == np.float32:
@@ -143,10 +189,13 @@ def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int =
     lengths = rng.integers(2, length + 1, B)
     mask = np.arange(length)[None] < lengths[:, None]
     b[f"{mod}_ids"] = np.where(mask, ids, 0).astype(np.int32)
-    b[f"{mod}_targets"] = b[f"{mod}_ids"].copy()
     b[f"{mod}_mask"] = mask
-    b[f"{mod}_loss_mask"] = mask & (rng.random((B, length)) < 0.15)
-    b[f"{mod}_loss_mask"][:, 0] = False
+    picked = mask & (rng.random((B, length)) < 0.15)
+    picked[:, 0] = False
+    slots = max_predictions(config, mod)
+    fields = [lm_slots(p, t, slots) for p, t in zip(picked, b[f"{mod}_ids"])]
+    for k, name in enumerate(("positions", "ids", "weights", "dropped")):
+      b[f"{mod}_lm_{name}"] = np.stack([f[k] for f in fields])
   b["table_segment"] = np.where(b["table_mask"], 1 + (np.arange(config.data.table_len) % 2)[None], 0).astype(np.int32)
   b["table_segment"][:, 0] = 0
   b["table_field"] = np.minimum(np.arange(config.data.table_len) // 2, config.data.max_fields - 1)[None].repeat(B, 0).astype(np.int32)

@@ -41,6 +41,25 @@ def mem(ids: np.ndarray, segment: np.ndarray, field: np.ndarray, num_fields: int
   return np.where(picked, MASK_ID, ids).astype(np.int32), picked
 
 
+def cap_picks(masked: np.ndarray, original: np.ndarray, picked: np.ndarray, slots: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+  """At most `slots` picks per sequence (config.loss.max_predictions): a row
+  with more keeps a random `slots` of them and gets its other picked tokens
+  back unmasked, so no input token is corrupted without being predicted (as
+  BERT caps at max_predictions_per_seq). Returns (masked ids, picked, how
+  many picks were dropped); the rng is only drawn from when a row overflows."""
+  where = np.flatnonzero(picked)
+  extra = len(where) - slots
+  if extra <= 0:
+    return masked, picked, 0
+  dropped = rng.choice(where, size=extra, replace=False)
+  picked = picked.copy()
+  picked[dropped] = False
+  masked = masked.copy()
+  masked[dropped] = original[dropped]
+  return masked, picked, int(extra)
+
+
 def zero_tokens(valid: np.ndarray, rng: np.random.Generator, prob: float,
                 zero_frac: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
   """MRM/MFM/MAM: pick `prob` of the valid tokens; zero `zero_frac` of the picked

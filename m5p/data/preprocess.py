@@ -40,6 +40,7 @@ class Preprocessor:
     self.feature_shapes = {m: batch_spec.feature_shape(config, m) for m in self.stems
                            if self.stems[m] == "features"}
     self.mask_prob = float(config.loss.mask_prob) if train else 0.0
+    self.lm_slots = {s: batch_spec.max_predictions(config, s) for s in batch_spec.LM_SEQUENCES}
     used = tuple(config.data.get("modalities", MODALITIES))
     unknown = sorted(set(used) - set(MODALITIES))
     if unknown or not used:
@@ -105,11 +106,22 @@ class Preprocessor:
     valid = np.arange(length) < 1 + len(tokens)
     masked, picked = masking.mlm(ids, valid, rng, self.mask_prob, self.d.vocab_size)
     present = bool(tokens)
-    ex["text_ids"] = masked
+    ex["text_ids"] = self._lm_fields("text", masked, ids, picked & present, rng, ex)
     ex["text_mask"] = valid & present
-    ex["text_targets"] = ids
-    ex["text_loss_mask"] = picked & present
     return present
+
+  def _lm_fields(self, sequence: str, masked: np.ndarray, ids: np.ndarray, picked: np.ndarray,
+                 rng: np.random.Generator, ex: dict) -> np.ndarray:
+    """Caps the picks at the sequence's slots, writes its `<sequence>_lm_*`
+    fields into `ex` and returns the masked input ids."""
+    slots = self.lm_slots[sequence]
+    masked, picked, dropped = masking.cap_picks(masked, ids, picked, slots, rng)
+    positions, lm_ids, weights, _ = batch_spec.lm_slots(picked, ids, slots)
+    ex[f"{sequence}_lm_positions"] = positions
+    ex[f"{sequence}_lm_ids"] = lm_ids
+    ex[f"{sequence}_lm_weights"] = weights
+    ex[f"{sequence}_lm_dropped"] = np.int32(dropped)
+    return masked
 
   def _table(self, record: dict, rng: np.random.Generator, ex: dict) -> bool:
     length, max_fields = self.d.table_len, self.d.max_fields
@@ -131,12 +143,10 @@ class Preprocessor:
     valid = np.arange(length) < length - pad
     masked, picked = masking.mem(ids, segment, field, num_fields, rng, self.mask_prob)
     present = num_fields > 0 and bool((segment > 0).any())
-    ex["table_ids"] = masked
+    ex["table_ids"] = self._lm_fields("table", masked, ids, picked & present, rng, ex)
     ex["table_mask"] = valid & present
     ex["table_segment"] = segment
     ex["table_field"] = field
-    ex["table_targets"] = ids
-    ex["table_loss_mask"] = picked & present
     return present
 
   # --- media ------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The five masked-modelling losses (SCALE.md section 4), on the JCT token outputs.
 
-  mlm  text   cross-entropy at text_loss_mask positions against text_targets
-  mem  table  cross-entropy at table_loss_mask positions against table_targets
+  mlm  text   cross-entropy of the model's `lm_logits` (the LM head at the
+              batch's pick slots: text_lm_positions, then table_lm_positions)
+              against text_lm_ids, over the text slots with text_lm_weights > 0
+  mem  table  the same over the table slots (table_lm_* fields)
   mrm  image  MSE at image_loss_mask patches against the patch's pixels,
               normalised per patch (mean 0, std 1 over its p*p*3 values; MAE)
   mfm  video  MSE at video_loss_mask frames (and real frames) against a coarse
@@ -18,10 +20,6 @@
 With a 'features' stem (config.model.stem) MRM / MFM / MAM regress the
 input features themselves at the picked tokens (authors: the original region,
 S3D and audio features), unnormalised.
-
-MLM and MEM read the model's `mlm_nll` / `mem_nll` (the cross-entropy it
-computes at the picked positions only, m5p.models.scale), or the full
-`mlm_logits` / `mem_logits` when those are absent: the same values.
 
 Each loss is a token mean: sum over picked tokens of w_b * loss / number of
 picked tokens, where w_b = G_b[m, m], the harmonization weight (same function
@@ -80,14 +78,35 @@ def _token_mean(per_token: jax.Array, picked: jax.Array, weight: jax.Array) -> j
   return total / jnp.maximum(jnp.sum(picked.astype(jnp.float32)), 1.0)
 
 
-def cross_entropy_loss(logits: jax.Array, targets: jax.Array, picked: jax.Array,
-                       weight: jax.Array) -> jax.Array:
-  """logits [B, L, V], targets [B, L] int, picked [B, L] bool, weight [B]."""
+def lm_token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Cross-entropy [B, P] of logits [B, P, V] (float32) against target ids [B, P]."""
   logits = logits.astype(jnp.float32)
-  targets = jnp.clip(targets, 0, logits.shape[-1] - 1)
+  targets = jnp.clip(jnp.asarray(targets, jnp.int32), 0, logits.shape[-1] - 1)
   lse = jax.nn.logsumexp(logits, axis=-1)
-  tgt = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return _token_mean(lse - tgt, picked, weight)
+  return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def lm_slot_nll(outputs: dict, batch: dict) -> jax.Array:
+  """[B, Pt + Pp]: the cross-entropy of `lm_logits` at the text then table
+  pick slots, or `lm_nll` when the caller computed it already
+  (m5p.accumulation caches that, [B, P], instead of the [B, P, V] logits)."""
+  if "lm_nll" in outputs:
+    return outputs["lm_nll"]
+  return lm_token_nll(outputs["lm_logits"], lm_targets(batch))
+
+
+def lm_targets(batch: dict) -> jax.Array:
+  """The original ids of the pick slots, text then table: [B, Pt + Pp]."""
+  return jnp.concatenate([jnp.asarray(batch["text_lm_ids"]), jnp.asarray(batch["table_lm_ids"])],
+                         axis=1)
+
+
+def weighted_token_mean(nll: jax.Array, weights: jax.Array, sample_weight: jax.Array) -> jax.Array:
+  """sum over slots of w_b * weight * nll / sum of weights: nll, weights [B, P]
+  (weight 0: an empty slot, whose value never reaches the result), w_b [B]."""
+  weights = jnp.asarray(weights, jnp.float32)
+  total = jnp.sum(jnp.where(weights > 0, nll * weights * sample_weight[:, None], 0.0))
+  return total / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def mse_loss(pred: jax.Array, target: jax.Array, picked: jax.Array, weight: jax.Array) -> jax.Array:
@@ -109,12 +128,13 @@ def masked_losses(outputs: dict, batch: dict, config: ml_collections.ConfigDict)
       p = p & jnp.asarray(e, bool)
     return p
 
-  def lm_loss(task, m, targets, loss_mask):
-    # The model's per-position cross-entropy at the picked positions (the LM
-    # head run on those only); from the full logits when it is absent.
-    if f"{task}_nll" in outputs:
-      return _token_mean(outputs[f"{task}_nll"], picked(loss_mask, m), w[:, m])
-    return cross_entropy_loss(outputs[f"{task}_logits"], batch[targets], picked(loss_mask, m), w[:, m])
+  lm_nll = lm_slot_nll(outputs, batch)
+  n_text = jnp.asarray(batch["text_lm_weights"]).shape[1]
+
+  def lm_loss(sequence, m, nll):
+    # Slots of an absent modality weigh 0 (the pipeline gives it no picks anyway).
+    weights = jnp.asarray(batch[f"{sequence}_lm_weights"], jnp.float32) * present[:, m:m + 1]
+    return weighted_token_mean(nll, weights, w[:, m])
 
   m = config.model
 
@@ -124,8 +144,8 @@ def masked_losses(outputs: dict, batch: dict, config: ml_collections.ConfigDict)
     return media_target(batch[modality])
 
   return {
-      "mlm": lm_loss("mlm", 0, "text_targets", "text_loss_mask"),
-      "mem": lm_loss("mem", 1, "table_targets", "table_loss_mask"),
+      "mlm": lm_loss("text", 0, lm_nll[:, :n_text]),
+      "mem": lm_loss("table", 1, lm_nll[:, n_text:]),
       "mrm": mse_loss(outputs["mrm_pred"], target("image", lambda x: image_targets(x, m.patch_size)),
                       picked("image_loss_mask", 2, batch["image_mask"]), w[:, 2]),
       "mfm": mse_loss(outputs["mfm_pred"],

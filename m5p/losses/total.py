@@ -30,6 +30,8 @@ def compute_loss(outputs: dict, batch: dict, config: ml_collections.ConfigDict
     pair/<i>-<j>   that pair's InfoNCE
     mw/<m>         mean masked-task weight (stop-gradient G_b[m, m] from the JCT)
                    over samples holding m
+    lm_dropped/<s> share of the MLM ('text') / MEM ('table') picks the pipeline
+                   dropped beyond config.loss.max_predictions (0 when none)
   """
   lc = config.loss
   # 'ring': same loss and grads, b_local x b_local logits per device (m5p.losses.ring).
@@ -62,4 +64,8 @@ def compute_loss(outputs: dict, batch: dict, config: ml_collections.ConfigDict
   for m, name in enumerate(MODALITIES):
     metrics[f"w/{name}"] = aux["weights"][m, m]
     metrics[f"mw/{name}"] = mw[m]
+  for sequence in ("text", "table"):
+    dropped = jnp.sum(jnp.asarray(batch[f"{sequence}_lm_dropped"], jnp.float32))
+    kept = jnp.sum(jnp.asarray(batch[f"{sequence}_lm_weights"], jnp.float32))
+    metrics[f"lm_dropped/{sequence}"] = dropped / jnp.maximum(dropped + kept, 1.0)
   return loss, metrics

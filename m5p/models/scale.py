@@ -8,12 +8,11 @@ Outputs (B batch, D = config.model.width, P = config.model.proj_dim):
   z            [B, 5, P]      contrastive embeddings z_m = ReLU(W_m h_m) (not normalised)
   pooled       [B, 5, D]      JCT output at each modality segment's first token
   fused        [B, D]         sum of `pooled` over present modalities (retrieval feature)
-  mlm_logits   [B, Lt, V]     LM head on the JCT text tokens
-  mem_logits   [B, Lp, V]     same head on the JCT table tokens
-  mlm_nll      [B, Lt]        the head's cross-entropy against text_targets at the
-                              positions picked for MLM (text_loss_mask, text
-                              present), 0 elsewhere: what the MLM loss reads
-  mem_nll      [B, Lp]        same for MEM (table_targets, table_loss_mask)
+  text_hidden  [B, Lt, D]     the JCT's text tokens (hidden states)
+  table_hidden [B, Lp, D]     the JCT's table tokens
+  lm_logits    [B, Pt + Pp, V]  the LM head at the batch's MLM picks
+                              (`text_lm_positions`), then at its MEM picks
+                              (`table_lm_positions`); only when the batch has them
   mrm_pred     [B, Ni, p*p*3] image patches (JCT image tokens after the CLS)
   mfm_pred     [B, T, F_v]    per-frame coarse targets, F_v = towers.mfm_target_dim(config)
   mam_pred     [B, Na, pt*pf] log-mel patches
@@ -21,7 +20,14 @@ Outputs (B batch, D = config.model.width, P = config.model.proj_dim):
                `masked_target_dim`)
   temperature  []             the learned contrastive temperature (only with
                               config.loss.learn_temperature)
-All float32. Every output row or slice of an absent modality is exactly zero.
+All float32. Every output row or slice of an absent modality is exactly zero
+(its LM slots read zero tokens: their logits are the head's constant, and the
+loss weighs them 0).
+
+The model computes no loss: m5p.losses reads these outputs and the batch's
+targets (`*_lm_ids`, `*_lm_weights`, the MRM/MFM/MAM targets). The training
+fields (`*_lm_*` picks, `*_zero` input masking) are optional: without them
+(evaluation, serving) nothing is masked and no LM logits are computed.
 
 Missing modalities (config.model.missing):
   'mask'  (m5p): an absent modality's tokens are masked out of the JCT's keys
@@ -49,17 +55,13 @@ holds one block's activations at a time.
 The JCT adds a learned modality-type embedding to each segment; the towers
 already carry positions, so the JCT adds no positions of its own.
 
-`mlm_nll` / `mem_nll` run the LM head on the picked positions only (a few
-percent of them): each row's picked text and table positions are gathered
-into `lm_pick_capacity(config)` slots, and a batch with a row holding more
-falls back (`nn.cond`) to running the slots in chunks of that capacity, one
-after another, so the values never depend on the capacity and neither branch
-holds logits for every position. In a train step the full `mlm_logits` / `mem_logits`
-are then unused and compiled out; they stay outputs for inspection and tests.
+The LM head (MLM and MEM) runs only at the picked positions, gathered from
+the JCT's text and table tokens: BERT's masked_lm_positions. The pipeline
+gives each sequence a fixed number of pick slots (config.loss.max_predictions),
+so every shape is static.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.linen as nn
@@ -79,14 +81,9 @@ class ScaleModel(nn.Module):
     c, m = self.config, self.config.model
     if m.missing not in ("mask", "zeros"):
       raise ValueError(f"config.model.missing={m.missing!r}: expected 'mask' or 'zeros'")
-    self.dtype = layers.compute_dtype(m.dtype)
-    d, heads, r, drop = m.width, m.heads, m.mlp_ratio, m.dropout
-    remat = bool(m.get("remat", False))  # Every tower's and the JCT's blocks.
-    rows = int(m.get("remat_rows", 0))
-    scan = bool(m.get("scan_layers", False))
-
-    def encoder(n):
-      return towers.encoder(n, heads, r, self.dtype, drop, remat, scan, remat_rows=rows)
+    cfg = layers.StackConfig.from_config(c)  # Every tower's and the JCT's blocks.
+    self.dtype = cfg.dtype
+    d = m.width
 
     self.word_embed = nn.Embed(
         c.data.vocab_size, d, dtype=self.dtype, param_dtype=jnp.float32,
@@ -94,26 +91,21 @@ class ScaleModel(nn.Module):
             nn.initializers.normal(0.02), ("vocab", "embed")))
     # Shared modules are attributes here, passed to the towers; an unshared
     # table stack is created unbound and adopted by the table tower.
-    self.text_stack = encoder(m.text_layers)
-    table_stack = self.text_stack if m.share_text_table else encoder(m.text_layers)
-    self.text = towers.TextTower(self.word_embed, self.text_stack, c.data.text_len, d, self.dtype, drop)
+    self.text_stack = layers.Encoder(m.text_layers, cfg)
+    table_stack = self.text_stack if m.share_text_table else layers.Encoder(m.text_layers, cfg)
+    self.text = towers.TextTower(self.word_embed, self.text_stack, c.data.text_len, d, cfg)
     self.table = towers.TableTower(self.word_embed, table_stack, c.data.table_len,
-                                   c.data.max_fields, d, self.dtype, drop)
+                                   c.data.max_fields, d, cfg)
     self.stems = {k: batch_spec.stem(c, k) for k in ("image", "video", "audio")}
-    self.image = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype, drop,
-                                   remat, stem=self.stems["image"], scan=scan,
-                                   remat_rows=rows)
+    self.image = towers.ImageTower(m.patch_size, m.image_layers, d, cfg, stem=self.stems["image"])
     if self.stems["video"] == "features":
       self.video_frames = towers.FeatureFrames(d, self.dtype)
     elif not self._frames_share_image_tower():
-      self.video_frames = towers.ImageTower(m.patch_size, m.image_layers, d, heads, r, self.dtype,
-                                            drop, remat, scan=scan, remat_rows=rows)
-    self.video = towers.VideoTower(c.data.max_frames, m.video_layers, d, heads, r, self.dtype, drop,
-                                   remat, scan, own_stack=not self._video_runs_image_stack(),
-                                   remat_rows=rows)
-    self.audio = towers.AudioTower(tuple(m.audio_patch), m.audio_layers, d, heads, r, self.dtype,
-                                   drop, remat, stem=self.stems["audio"], scan=scan,
-                                   remat_rows=rows)
+      self.video_frames = towers.ImageTower(m.patch_size, m.image_layers, d, cfg)
+    self.video = towers.VideoTower(c.data.max_frames, m.video_layers, d, cfg,
+                                   own_stack=not self._video_runs_image_stack())
+    self.audio = towers.AudioTower(tuple(m.audio_patch), m.audio_layers, d, cfg,
+                                   stem=self.stems["audio"])
     if c.loss.get("learn_temperature", False):
       # log(1 / tau), clamped at use to tau >= loss.min_temperature (CLIP's logit scale).
       self.log_inv_temperature = self.param(
@@ -124,17 +116,21 @@ class ScaleModel(nn.Module):
     # One projection per modality, in MODALITIES order (params proj_0 .. proj_4).
     self.proj = [layers.dense(m.proj_dim, "embed", "proj", jnp.float32) for _ in MODALITIES]
     self.type_embed = layers.LearnedEmbedding(NUM_MODALITIES, d)
-    self.jct = encoder(m.fusion_layers)
+    self.jct = layers.Encoder(m.fusion_layers, cfg)
 
     # Masked-task heads on the JCT tokens. The LM head (MLM and MEM) is a
     # BERT-style transform then logits tied to the word embedding + a bias.
-    self.lm_dense = layers.dense(d, "embed", None, self.dtype)
-    self.lm_norm = layers.layer_norm(self.dtype)
+    self.cfg = cfg
+    self.lm_dense = layers.dense(d, "embed", None, self.dtype, kernels_name=cfg.kernels)
+    self.lm_norm = layers.layer_norm(cfg)
     self.lm_bias = self.param("lm_bias", layers.zeros_init(("vocab",)), (c.data.vocab_size,),
                               jnp.float32)
-    self.mrm_head = layers.dense(masked_target_dim(c, "image"), "embed", "patch", self.dtype)
-    self.mfm_head = layers.dense(masked_target_dim(c, "video"), "embed", "patch", self.dtype)
-    self.mam_head = layers.dense(masked_target_dim(c, "audio"), "embed", "patch", self.dtype)
+    self.mrm_head = layers.dense(masked_target_dim(c, "image"), "embed", "patch", self.dtype,
+                                 kernels_name=cfg.kernels)
+    self.mfm_head = layers.dense(masked_target_dim(c, "video"), "embed", "patch", self.dtype,
+                                 kernels_name=cfg.kernels)
+    self.mam_head = layers.dense(masked_target_dim(c, "audio"), "embed", "patch", self.dtype,
+                                 kernels_name=cfg.kernels)
 
   def _frames_share_image_tower(self) -> bool:
     """Video frames go through the image tower: config.model.video_uses_image_stack
@@ -151,21 +147,10 @@ class ScaleModel(nn.Module):
 
   # ---------------------------------------------------------------------------
   def _lm_logits(self, x: jax.Array) -> jax.Array:
-    h = self.lm_norm(layers.gelu(self.lm_dense(x)))
+    """The LM head's logits [B, P, V] of the picked tokens x [B, P, D]."""
+    h = self.lm_norm(layers.gelu(self.cfg, self.lm_dense(x)))
     logits = self.word_embed.attend(h).astype(jnp.float32) + self.lm_bias
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-
-  def _lm_nll(self, x: jax.Array, targets: jax.Array, picked: jax.Array) -> jax.Array:
-    """The LM head's cross-entropy [B, L] at the `picked` positions of x
-    [B, L, D] against `targets` [B, L] (clipped into the vocabulary), 0
-    elsewhere. Heads only the picked positions (see the module docstring)."""
-    capacity = lm_pick_capacity(self.config)
-    targets = jnp.clip(targets, 0, self.config.data.vocab_size - 1)
-    if capacity >= x.shape[1]:
-      return _dense_lm_nll(self, x, targets, picked)
-    fits = jnp.max(jnp.sum(picked, axis=1)) <= capacity
-    return nn.cond(fits, functools.partial(_picked_lm_nll, capacity=capacity),
-                   functools.partial(_chunked_lm_nll, capacity=capacity), self, x, targets, picked)
 
   def __call__(self, batch: dict, *, train: bool) -> dict:
     m = self.config.model
@@ -185,6 +170,10 @@ class ScaleModel(nn.Module):
       """Absent: all False ('mask'), all True ('zeros': the authors attend it)."""
       return jnp.where(pres[i][:, None], jnp.asarray(mask, bool), zeros_mode)
 
+    def zeroed(name, i):
+      """A training-only input mask (MRM/MFM/MAM tokens zeroed), None when absent."""
+      return fill(jnp.asarray(batch[name], bool), i) if name in batch else None
+
     # Text and table (one shared stack by default, called on each: running both
     # in one call would pad the text to the table's length, which costs more
     # step time than the second compiled copy of the stack costs compile time).
@@ -196,8 +185,7 @@ class ScaleModel(nn.Module):
 
     # Image and video frames: each frame through the image tower (shared by
     # default, then in the same call as the image: [B, 1 + T] images).
-    image_zero = fill(jnp.asarray(batch["image_zero"], bool), 2)  # [B, Ni]
-    video_zero = fill(jnp.asarray(batch["video_zero"], bool), 3)  # [B, T]
+    image_zero, video_zero = zeroed("image_zero", 2), zeroed("video_zero", 3)  # [B, Ni], [B, T]
     if self.stems["image"] == "features":
       image = fill(jnp.asarray(batch["image"], jnp.float32), 2)  # [B, Ni, Di]
     else:
@@ -211,11 +199,13 @@ class ScaleModel(nn.Module):
     # computes only that query for the frames (`split`).
     if self.stems["video"] == "media" and self._frames_share_image_tower():
       pixels = jnp.concatenate([image[:, None], frames], axis=1)  # [B, 1 + T, H, W, 3]
-      zero = jnp.concatenate(
-          [image_zero[:, None], jnp.zeros((b, t, image_zero.shape[1]), bool)], axis=1)
+      zero = None
+      if image_zero is not None:
+        zero = jnp.concatenate(
+            [image_zero[:, None], jnp.zeros((b, t, image_zero.shape[1]), bool)], axis=1)
+        zero = zero.reshape(b * (1 + t), -1)
       (image_tokens, frame_tokens), _ = self.image(
-          pixels.reshape(b * (1 + t), *pixels.shape[2:]), zero.reshape(b * (1 + t), -1),
-          train=train, split=(1 + t, 1))
+          pixels.reshape(b * (1 + t), *pixels.shape[2:]), zero, train=train, split=(1 + t, 1))
       image_tokens = image_tokens[:, 0]
       image_km = jnp.ones(image_tokens.shape[:2], bool)
     else:
@@ -234,9 +224,8 @@ class ScaleModel(nn.Module):
       video_tokens, _ = self.image(video_tokens, None, train=train, token_mask=video_km,
                                    embedded=True)
     audio = fill(jnp.asarray(batch["audio"], jnp.float32), 4)
-    audio_tokens, audio_km = self.audio(
-        audio, tower_mask(batch["audio_mask"], 4), fill(jnp.asarray(batch["audio_zero"], bool), 4),
-        train=train)
+    audio_tokens, audio_km = self.audio(audio, tower_mask(batch["audio_mask"], 4),
+                                        zeroed("audio_zero", 4), train=train)
 
     tokens = [text_tokens, table_tokens, image_tokens, video_tokens, audio_tokens]
     key_masks = [text_km, table_km, image_km, video_km, audio_km]
@@ -263,16 +252,12 @@ class ScaleModel(nn.Module):
     segs = [x[:, s:s + n] for s, n in zip(starts, lengths)]
 
     pooled = jnp.stack([keep(seg[:, 0], i) for i, seg in enumerate(segs)], axis=1)
-    lm_x = x[:, :lengths[0] + lengths[1]]  # Text and table segments.
-    lm_logits = self._lm_logits(lm_x)
-    lm_picked = jnp.concatenate(
-        [jnp.asarray(batch["text_loss_mask"], bool) & pres[0][:, None],
-         jnp.asarray(batch["table_loss_mask"], bool) & pres[1][:, None]], axis=1)
-    lm_targets = jnp.concatenate([jnp.asarray(batch["text_targets"], jnp.int32),
-                                  jnp.asarray(batch["table_targets"], jnp.int32)], axis=1)
-    lm_nll = self._lm_nll(lm_x, lm_targets, lm_picked)
-
     extra = {}
+    if "text_lm_positions" in batch:  # Training: the LM head at the MLM and MEM picks, one call.
+      picks = [keep(jnp.take_along_axis(segs[i], jnp.asarray(
+          batch[f"{name}_lm_positions"], jnp.int32)[..., None], axis=1), i).astype(self.dtype)
+               for i, name in enumerate(batch_spec.LM_SEQUENCES)]
+      extra["lm_logits"] = self._lm_logits(jnp.concatenate(picks, axis=1))
     if self.config.loss.get("learn_temperature", False):
       floor = float(self.config.loss.get("min_temperature", 0.01))
       extra["temperature"] = jnp.exp(-jnp.minimum(self.log_inv_temperature, -math.log(floor)))
@@ -283,10 +268,8 @@ class ScaleModel(nn.Module):
         "z": z,
         "pooled": pooled,
         "fused": pooled.sum(axis=1),
-        "mlm_logits": keep(lm_logits[:, :lengths[0]], 0),
-        "mem_logits": keep(lm_logits[:, lengths[0]:], 1),
-        "mlm_nll": lm_nll[:, :lengths[0]],
-        "mem_nll": lm_nll[:, lengths[0]:],
+        "text_hidden": keep(segs[0], 0),
+        "table_hidden": keep(segs[1], 1),
         "mrm_pred": keep(self.mrm_head(segs[2][:, 1:]), 2),
         "mfm_pred": keep(self.mfm_head(segs[3][:, 1:]), 3),
         "mam_pred": keep(self.mam_head(segs[4][:, 1:]), 4),
@@ -305,57 +288,6 @@ def masked_target_dim(config: ml_collections.ConfigDict, modality: str) -> int:
     return towers.mfm_target_dim(config)
   pt, pf = m.audio_patch
   return pt * pf
-
-
-def lm_pick_capacity(config: ml_collections.ConfigDict) -> int:
-  """Slots per row for the picked text + table positions the LM head runs on:
-  1.5x the expected picks of a full-length row plus 4, at most every position.
-  Only speed depends on it (rows holding more fall back to every position)."""
-  length = config.data.text_len + config.data.table_len
-  return min(length, math.ceil(1.5 * config.loss.mask_prob * length) + 4)
-
-
-def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """logsumexp(logits) - logits[target]: logits [..., V] float32, targets [...] in range."""
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-
-
-def _dense_lm_nll(model: ScaleModel, x, targets, picked):
-  """The LM head on every position."""
-  return jnp.where(picked, _token_nll(model._lm_logits(x), targets), 0.0)
-
-
-def _picked_lm_nll(model: ScaleModel, x, targets, picked, *, capacity: int, offset=0):
-  """The LM head on each row's picked positions number `offset` to `offset +
-  capacity - 1` (counting from 0 in position order; all of them when the
-  caller has checked the counts), 0 elsewhere. Slot c of row b holds the
-  row's (offset + c)-th picked position; gathering and scattering are one-hot
-  products (exact, and batch-parallel under any batch sharding)."""
-  slot = jnp.cumsum(picked, axis=1) - 1 - offset  # [B, L]: the slot of each picked position.
-  onehot = picked[:, None, :] & (slot[:, None, :] == jnp.arange(capacity)[None, :, None])  # [B, C, L]
-  x_slots = jnp.einsum("bcl,bld->bcd", onehot.astype(x.dtype), x)
-  t_slots = jnp.sum(jnp.where(onehot, targets[:, None, :], 0), axis=-1)
-  nll = _token_nll(model._lm_logits(x_slots), t_slots)  # [B, C]; unused slots are masked below.
-  return jnp.sum(jnp.where(onehot, nll[:, :, None], 0.0), axis=1)
-
-
-def _chunked_lm_nll(model: ScaleModel, x, targets, picked, *, capacity: int):
-  """`_picked_lm_nll` for rows with any number of picks: the slots in
-  ceil(L / capacity) chunks of `capacity`, one at a time (a scan of
-  rematerialised chunks), so the fallback holds one chunk's [B, capacity, V]
-  logits, not the [B, L, V] of the head on every position (at
-  configs/scale_authors.py's batch 64 those were 0.5 GiB apiece, and set the
-  compiled step's peak memory). Under autodiff the cond around it then
-  carries only this branch's inputs as residuals."""
-  def chunk(mdl, total, offset, x, targets, picked):
-    return total + _picked_lm_nll(mdl, x, targets, picked, capacity=capacity, offset=offset), None
-
-  scan = nn.scan(nn.remat(chunk), variable_broadcast="params", split_rngs={"params": False},
-                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast))
-  offsets = jnp.arange(0, picked.shape[1], capacity, dtype=jnp.int32)
-  total, _ = scan(model, jnp.zeros(picked.shape, jnp.float32), offsets, x, targets, picked)
-  return total
 
 
 def init_batch(config: ml_collections.ConfigDict, batch_size: int = 2) -> dict:

@@ -101,24 +101,11 @@ def embed_tokens_lookup(word_embed: nn.Module, ids: jax.Array) -> jax.Array:
   return jnp.take(table, ids, axis=0).astype(word_embed.dtype)
 
 
-def encoder(num_layers: int, heads: int, mlp_ratio: int, dtype: Dtype, dropout: float,
-            remat: bool = False, scan: bool = False, name: str | None = None,
-            remat_rows: int = 0) -> nn.Module:
-  """A transformer stack; `remat` (config.model.remat) recomputes each block
-  in the backward pass, by slices of at most `remat_rows` sequences when set
-  (config.model.remat_rows; same parameter tree either way); `scan`
-  (config.model.scan_layers) runs the blocks as one loop over stacked
-  parameters (see layers.Encoder)."""
-  return layers.Encoder(num_layers, heads, mlp_ratio, dtype, dropout, remat, scan, remat_rows,
-                        name=name)
-
-
 def _own_stack(tower: nn.Module) -> nn.Module:
-  """The 'stack' of an image, video or audio tower, built from the tower's own
-  fields (layers, heads, mlp_ratio, dtype, dropout, remat, scan, remat_rows);
-  called inside the tower's compact __call__, so the tower is its parent."""
-  return encoder(tower.layers, tower.heads, tower.mlp_ratio, tower.dtype, tower.dropout,
-                 tower.remat, tower.scan, name="stack", remat_rows=tower.remat_rows)
+  """The 'stack' of an image, video or audio tower (its `layers` blocks with
+  its StackConfig); called inside the tower's compact __call__, so the tower
+  is its parent."""
+  return layers.Encoder(tower.layers, tower.cfg, name="stack")
 
 
 def _true_first(mask: jax.Array) -> jax.Array:
@@ -136,16 +123,15 @@ class TextTower(nn.Module):
   stack: nn.Module  # layers.Encoder, shared with TableTower by default.
   max_len: int
   width: int
-  dtype: Dtype = jnp.float32
-  dropout: float = 0.0
+  cfg: layers.StackConfig
 
   @nn.compact
   def embed_tokens(self, ids: jax.Array, mask: jax.Array, *, train: bool):
     """The input of the stack: (x [B, Lt, D], key_mask [B, Lt])."""
     length = ids.shape[1]
     pos = layers.LearnedEmbedding(self.max_len, self.width, name="pos")()[:length]
-    x = embed_tokens_lookup(self.word_embed, ids) + pos.astype(self.dtype)[None]
-    x = layers.Dropout(self.dropout)(x, deterministic=not train)
+    x = embed_tokens_lookup(self.word_embed, ids) + pos.astype(self.cfg.dtype)[None]
+    x = layers.dropout(self.cfg)(x, deterministic=not train)
     return layers.constrain(x), _true_first(mask)
 
   def __call__(self, ids: jax.Array, mask: jax.Array, *, train: bool):
@@ -161,8 +147,7 @@ class TableTower(nn.Module):
   max_len: int
   max_fields: int
   width: int
-  dtype: Dtype = jnp.float32
-  dropout: float = 0.0
+  cfg: layers.StackConfig
 
   @nn.compact
   def embed_tokens(self, ids, mask, segment, field, *, train: bool):
@@ -170,9 +155,10 @@ class TableTower(nn.Module):
     pos = layers.LearnedEmbedding(self.max_len, self.width, name="pos")()[:length]
     seg = layers.LearnedEmbedding(3, self.width, name="segment")()
     fld = layers.LearnedEmbedding(self.max_fields, self.width, name="field")()
-    x = (embed_tokens_lookup(self.word_embed, ids) + pos.astype(self.dtype)[None]
-         + _lookup(seg, segment, self.dtype) + _lookup(fld, field, self.dtype))
-    x = layers.Dropout(self.dropout)(x, deterministic=not train)
+    dtype = self.cfg.dtype
+    x = (embed_tokens_lookup(self.word_embed, ids) + pos.astype(dtype)[None]
+         + _lookup(seg, segment, dtype) + _lookup(fld, field, dtype))
+    x = layers.dropout(self.cfg)(x, deterministic=not train)
     return layers.constrain(x), _true_first(mask)
 
   def __call__(self, ids, mask, segment, field, *, train: bool):
@@ -192,14 +178,8 @@ class ImageTower(nn.Module):
   patch_size: int
   layers: int
   width: int
-  heads: int
-  mlp_ratio: int = 4
-  dtype: Dtype = jnp.float32
-  dropout: float = 0.0
-  remat: bool = False  # Rematerialise each block (config.model.remat).
+  cfg: layers.StackConfig
   stem: str = "media"  # | 'features'
-  scan: bool = False  # One scan over the blocks (config.model.scan_layers).
-  remat_rows: int = 0  # Remat by slices of at most this many rows (config.model.remat_rows).
 
   @nn.compact
   def __call__(self, pixels: jax.Array, zero: jax.Array | None, *, train: bool,
@@ -222,11 +202,13 @@ class ImageTower(nn.Module):
       patches = patchify_image(pixels, self.patch_size)  # [N, Ni, p*p*3]
     if zero is not None:
       patches = jnp.where(zero[..., None], 0.0, patches)
-    x = layers.dense(self.width, "patch", "embed", self.dtype, name="stem")(patches.astype(self.dtype))
+    dtype = self.cfg.dtype
+    x = layers.dense(self.width, "patch", "embed", dtype, "stem", True, self.cfg.kernels)(
+        patches.astype(dtype))
     cls = layers.LearnedEmbedding(1, self.width, name="cls")()
     pos = layers.LearnedEmbedding(x.shape[1] + 1, self.width, name="pos")()
-    x = _with_cls(cls, x) + pos.astype(self.dtype)[None]
-    x = layers.Dropout(self.dropout)(x, deterministic=not train)
+    x = _with_cls(cls, x) + pos.astype(dtype)[None]
+    x = layers.dropout(self.cfg)(x, deterministic=not train)
     key_mask = jnp.ones(x.shape[:2], bool)
     if token_mask is not None:
       key_mask = key_mask.at[:, 1:].set(token_mask)
@@ -244,14 +226,8 @@ class VideoTower(nn.Module):
   max_frames: int
   layers: int
   width: int
-  heads: int
-  mlp_ratio: int = 4
-  dtype: Dtype = jnp.float32
-  dropout: float = 0.0
-  remat: bool = False
-  scan: bool = False
+  cfg: layers.StackConfig
   own_stack: bool = True  # False: return the blocks' input; the caller runs a shared stack.
-  remat_rows: int = 0
 
   @nn.compact
   def __call__(self, frame_tokens, frame_mask, *, train: bool):
@@ -259,8 +235,9 @@ class VideoTower(nn.Module):
     b, t = frame_tokens.shape[:2]
     cls = layers.LearnedEmbedding(1, self.width, name="cls")()
     pos = layers.LearnedEmbedding(self.max_frames + 1, self.width, name="pos")()[:t + 1]
-    x = _with_cls(cls, frame_tokens.astype(self.dtype)) + pos.astype(self.dtype)[None]
-    x = layers.Dropout(self.dropout)(x, deterministic=not train)
+    dtype = self.cfg.dtype
+    x = _with_cls(cls, frame_tokens.astype(dtype)) + pos.astype(dtype)[None]
+    x = layers.dropout(self.cfg)(x, deterministic=not train)
     key_mask = jnp.concatenate([jnp.ones((b, 1), bool), frame_mask], axis=1)
     if not self.own_stack:
       return layers.constrain(x), key_mask
@@ -276,14 +253,18 @@ class FeatureFrames(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, features: jax.Array, zero: jax.Array) -> jax.Array:
-    x = jnp.where(zero[..., None], 0.0, features.astype(jnp.float32))
+  def __call__(self, features: jax.Array, zero: jax.Array | None) -> jax.Array:
+    x = features.astype(jnp.float32)
+    if zero is not None:
+      x = jnp.where(zero[..., None], 0.0, x)
     return layers.dense(self.width, "patch", "embed", self.dtype, name="stem")(x.astype(self.dtype))
 
 
-def video_frames_pixels(video: jax.Array, zero: jax.Array) -> jax.Array:
+def video_frames_pixels(video: jax.Array, zero: jax.Array | None) -> jax.Array:
   """Normalised frames [B, T, H, W, 3] with the frames flagged in `zero` [B, T]
-  set to 0 (MFM: the whole frame is masked at the input)."""
+  (None: none) set to 0 (MFM: the whole frame is masked at the input)."""
+  if zero is None:
+    return video
   return jnp.where(zero[:, :, None, None, None], 0.0, video)
 
 
@@ -296,14 +277,8 @@ class AudioTower(nn.Module):
   audio_patch: tuple[int, int]
   layers: int
   width: int
-  heads: int
-  mlp_ratio: int = 4
-  dtype: Dtype = jnp.float32
-  dropout: float = 0.0
-  remat: bool = False
+  cfg: layers.StackConfig
   stem: str = "media"  # | 'features'
-  scan: bool = False
-  remat_rows: int = 0
 
   @nn.compact
   def __call__(self, logmel, patch_mask, zero, *, train: bool):
@@ -312,12 +287,15 @@ class AudioTower(nn.Module):
       patches = logmel.astype(jnp.float32)
     else:
       patches = patchify_audio(logmel.astype(jnp.float32), tuple(self.audio_patch))
-    patches = jnp.where(zero[..., None], 0.0, patches)
-    x = layers.dense(self.width, "patch", "embed", self.dtype, name="stem")(patches.astype(self.dtype))
+    if zero is not None:
+      patches = jnp.where(zero[..., None], 0.0, patches)
+    dtype = self.cfg.dtype
+    x = layers.dense(self.width, "patch", "embed", dtype, "stem", True, self.cfg.kernels)(
+        patches.astype(dtype))
     cls = layers.LearnedEmbedding(1, self.width, name="cls")()
     pos = layers.LearnedEmbedding(x.shape[1] + 1, self.width, name="pos")()
-    x = _with_cls(cls, x) + pos.astype(self.dtype)[None]
-    x = layers.Dropout(self.dropout)(x, deterministic=not train)
+    x = _with_cls(cls, x) + pos.astype(dtype)[None]
+    x = layers.dropout(self.cfg)(x, deterministic=not train)
     key_mask = jnp.concatenate([jnp.ones((x.shape[0], 1), bool), patch_mask], axis=1)
     x = _own_stack(self)(layers.constrain(x), key_mask, train=train)
     return x, key_mask
