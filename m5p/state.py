@@ -22,6 +22,20 @@ class TrainState:
   opt_state: Any
 
 
+def init_state_fn(model: nn.Module, tx: optax.GradientTransformation,
+                  config: ml_collections.ConfigDict, unbox: bool = True):
+  """rng -> a fresh TrainState (step 0, initialised params, optimizer state):
+  what the trainer jits sharded, and tests and tools trace or compile.
+  `unbox=False` keeps the params' logical-axis boxes (for sharding them)."""
+
+  def init(rng):
+    variables = model.init({"params": rng, "dropout": rng}, init_batch(config, 1), train=False)
+    params = nn.meta.unbox(variables["params"]) if unbox else variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return init
+
+
 def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
                          config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainState, Any]:
   """Initialises parameters and optimizer state already sharded (no host copy).
@@ -31,11 +45,7 @@ def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
   init function is jitted with those as `out_shardings`.
   """
 
-  def init(rng):
-    variables = model.init({"params": rng, "dropout": rng}, init_batch(config, 1), train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
+  init = init_state_fn(model, tx, config, unbox=False)
   rng = jax.random.key(config.seed)
   table = sharding.rules(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(table):
@@ -51,12 +61,7 @@ def abstract_state(state_shardings: Any, model: nn.Module, tx: optax.GradientTra
                    config: ml_collections.ConfigDict) -> Any:
   """ShapeDtypeStructs carrying the target shardings: what orbax restores onto."""
 
-  def init(rng):
-    variables = model.init({"params": rng, "dropout": rng}, init_batch(config, 1), train=False)
-    params = nn.meta.unbox(variables["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  shapes = jax.eval_shape(init, jax.random.key(0))
+  shapes = jax.eval_shape(init_state_fn(model, tx, config), jax.random.key(0))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, state_shardings)
 

@@ -20,7 +20,7 @@ from m5p import optim, train
 from m5p.data import batch_spec
 from m5p.models import cpu_kernels, kernels
 from m5p.models.scale import ScaleModel, init_batch
-from m5p.state import TrainState
+from m5p.state import init_state_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -85,13 +85,8 @@ def test_dropout_trains_on_both_kernels(kernel_choice):
   model = ScaleModel(c)
   tx, schedule = optim.make_optimizer(c)
 
-  def init(rng):
-    params = meta.unbox(model.init({"params": rng, "dropout": rng}, init_batch(c, 1),
-                                   train=False)["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
   batch = {k: jnp.asarray(v) for k, v in batch_spec.random_batch(c, c.batch_size, seed=1).items()}
-  start = jax.jit(init)(jax.random.key(0))
+  start = jax.jit(init_state_fn(model, tx, c))(jax.random.key(0))
   step = jax.jit(train.make_train_step(model, tx, schedule, c)).lower(start, batch).compile(
       FAST_COMPILE)
   state, losses = start, []

@@ -25,7 +25,6 @@ from m5p.data import batch_spec
 from m5p.models import layers, scan_layout
 from m5p.losses.total import compute_loss
 from m5p.models.scale import ScaleModel, init_batch
-from m5p.state import TrainState
 
 SMALL = {"model.video_layers": 0, "model.audio_layers": 0}
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -190,12 +189,7 @@ def test_bfloat16_state_stays_float32_through_a_step():
   model = ScaleModel(c)
   tx, schedule = optim.make_optimizer(c)
 
-  def init(rng):
-    params = meta.unbox(model.init({"params": rng, "dropout": rng}, init_batch(c, 1),
-                                   train=False)["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  state = jax.eval_shape(init, jax.random.key(0))
+  state = jax.eval_shape(state_lib.init_state_fn(model, tx, c), jax.random.key(0))
   batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype)
            in batch_spec.batch_shapes(c, c.batch_size).items()}
   new_state, metrics = jax.eval_shape(train.make_train_step(model, tx, schedule, c), state, batch)
