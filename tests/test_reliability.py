@@ -103,17 +103,27 @@ DAMAGE = ["random_bytes", "truncated", "zeroed", "deleted_data", "empty_step", "
           "manifest.ocdbt", "meta", "values_changed"]
 
 
-@pytest.mark.parametrize("kind", DAMAGE)
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(small_state, tmp_path, caplog, kind):
-  c, mesh, model, tx, state, shardings = small_state
-  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=3, async_save=False, mesh=mesh)
+@pytest.fixture(scope="module")
+def two_checkpoints(small_state, tmp_path_factory):
+  """A workdir with checkpoints 1 (the state) and 2 (params + 1), saved once and copied per test."""
+  c, mesh, _, _, state, _ = small_state
+  workdir = str(tmp_path_factory.mktemp("two_checkpoints"))
+  ckpt = checkpointing.Checkpointer(workdir, keep=3, async_save=False, mesh=mesh)
   ckpt.save(1, state, None, {"step": 1, "config": c.to_json()}, force=True)
-  newer = state.replace(step=state.step + 1,
-                        params=jax.tree.map(lambda p: p + 1, state.params))
+  newer = state.replace(step=state.step + 1, params=jax.tree.map(lambda p: p + 1, state.params))
   ckpt.save(2, newer, None, {"step": 2, "config": c.to_json()}, force=True)
   ckpt.close()
-  _damage(os.path.join(tmp_path, "checkpoints", "2"), kind)
-  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=3, async_save=False, mesh=mesh)
+  return workdir
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(small_state, two_checkpoints,
+                                                              tmp_path, caplog, kind):
+  c, mesh, model, tx, state, shardings = small_state
+  workdir = str(tmp_path / "w")
+  shutil.copytree(two_checkpoints, workdir)
+  _damage(os.path.join(workdir, "checkpoints", "2"), kind)
+  ckpt = checkpointing.Checkpointer(workdir, keep=3, async_save=False, mesh=mesh)
   with caplog.at_level(logging.ERROR, logger="m5p"):
     restored, _, step = ckpt.restore_latest(state_lib.abstract_state(shardings, model, tx, c),
                                             None, c)
@@ -124,8 +134,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(small_state, tmp_p
   assert "step 2" in text and os.path.join("checkpoints", "2") in text, text
   if kind == "values_changed":
     assert "differ from their checksums at save time" in text, text
-  assert os.path.isdir(os.path.join(tmp_path, "checkpoints.damaged", "2"))
-  assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "2"))
+  assert os.path.isdir(os.path.join(workdir, "checkpoints.damaged", "2"))
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", "2"))
 
 
 def test_every_checkpoint_damaged_is_a_user_error_and_nothing_moves(small_state, tmp_path):
