@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the train state and the Grain iterator, verified and resumable onto any mesh.
+"""Orbax checkpoints of the train state and Grain iterator: verified, resumable onto any mesh.
 
 Guarantees (each drilled by tools/drills.py):
 - Every saved checkpoint records a checksum of each state array
@@ -135,8 +135,9 @@ class Checkpointer:
     distributed.barrier("checkpoints_cleaned")
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=True, cleanup_tmp_directories=False))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=False))  # Ours reports them first (remove_unfinished).
 
   # -- Housekeeping -------------------------------------------------------------
 
@@ -196,8 +197,8 @@ class Checkpointer:
     summary = state_checksum.summarize(state, self.mesh)
     if summary["nonfinite"]:
       bad = sorted(summary["nonfinite"])
-      raise Diverged(f"step {step}: {len(bad)} state arrays hold non-finite values (e.g. {bad[0]}); "
-                     "not saved, the earlier checkpoints are kept")
+      raise Diverged(f"step {step}: {len(bad)} state arrays hold non-finite values (e.g. "
+                     f"{bad[0]}); not saved, the earlier checkpoints are kept")
     meta = dict(meta, integrity=summary)
     args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iter is not None:

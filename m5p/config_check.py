@@ -161,7 +161,8 @@ def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
 
 def unknown_overrides(config: ml_collections.ConfigDict, argv: Iterable[str],
                       flag: str = "config") -> list[str]:
-  """'--config.x=1: no field config.x; did you mean config.y?' for each override of a missing field."""
+  """'--config.x=1: config has no field 'x'; did you mean config.y?' for each override
+  of a field the config lacks."""
   known = set(field_paths(config))
   out = []
   for arg in argv:

@@ -70,7 +70,8 @@ class MetricsWriter:
     if not self.enabled:
       return
     row = {"step": int(step)}
-    row.update({k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in metrics.items()})
+    row.update({k: (float(v) if math.isfinite(float(v)) else str(float(v)))
+                for k, v in metrics.items()})
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
     if self._tb is not None:

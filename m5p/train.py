@@ -321,7 +321,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_di
       _close_quietly("checkpoint manager", ckpt.close)
 
 
-def _set_aside_diverged(e: failures.Diverged, ckpt: checkpointing.Checkpointer) -> failures.Diverged:
+def _set_aside_diverged(e: failures.Diverged,
+                        ckpt: checkpointing.Checkpointer) -> failures.Diverged:
   """The checkpoints saved at or after the step before the first bad one hold the state
   that went non-finite: moved aside, so a rerun (with a saner config) starts before it."""
   if e.first_bad_step is None:

@@ -134,8 +134,9 @@ def observe(manifest: dict, written_ids: set[str]) -> dict[str, str]:
     return item in _examples(manifest, group, reason)
 
   def kept(item, group, reason):
-    return f"kept; {group}:{reason} ({item})" if (item in written_ids and fault(group, reason, item)) \
-        else f"{'kept' if item in written_ids else 'lost'}, faults {_faults_of(manifest, item)}"
+    if item in written_ids and fault(group, reason, item):
+      return f"kept; {group}:{reason} ({item})"
+    return f"{'kept' if item in written_ids else 'lost'}, faults {_faults_of(manifest, item)}"
 
   skipped = manifest.get("skipped", {})
   too_large = _examples(manifest, "image", "too_large")
