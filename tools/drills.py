@@ -13,6 +13,7 @@ import textwrap
 import time
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from m5p import drills
 
@@ -44,6 +45,7 @@ def _print_result(r: drills.Result) -> None:
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS chatter would break the table.
   if FLAGS.list:
     for name, (_, fast) in drills.DRILLS.items():
       print(f"{name}{'  (fast)' if fast else ''}")
@@ -56,19 +58,21 @@ def main(argv):
           f"{FLAGS.root}):", flush=True)
 
     def show(r: dict) -> None:
+      if r["kill"] == "finish":
+        print(f"  finish from step {r['resumed_from']:>2}: exit {r['exit']}, {r['detail']}, "
+              f"{'each step once' if r['each_step_once'] else 'steps NOT once each'}", flush=True)
+        return
       print(f"  kill {r['kill']:>2}: {r['how']:<22} resumed from step {r['resumed_from']:>2}, "
             f"killed at step {r['killed_at_step']:>2}"
             f"{' during a save' if r['during_save'] else ''}; rows so far: {r['detail']}",
             flush=True)
 
     records, ok = drills.kills(lab, FLAGS.kills, FLAGS.seed, on_kill=show)
-    final = records[-1]
-    equal = sum(r["rows_equal"] for r in records[:-1])
-    print(f"  final run from step {final['resumed_from']}: exit {final['exit']}, "
-          f"{final['detail']}, "
-          f"{'each step once' if final['each_step_once'] else 'steps NOT once each'}")
-    print(f"{equal} of {FLAGS.kills} resumes equal the uninterrupted run; "
-          f"{'all hold' if ok else 'FAILS'} ({time.time() - t0:.0f} s)")
+    killed = [r for r in records if r["kill"] != "finish"]
+    print(f"{sum(r['rows_equal'] for r in killed)} of {len(killed)} kills left rows equal to the "
+          f"uninterrupted run's; {sum(r['during_save'] for r in killed)} during an async save; "
+          f"{sum(r['kill'] == 'finish' for r in records)} chains finished; "
+          f"{'all resumes equal, each step once' if ok else 'FAILS'} ({time.time() - t0:.0f} s)")
     return 0 if ok else 1
   names = FLAGS.only or [n for n, (_, fast) in drills.DRILLS.items() if fast or not FLAGS.fast]
   unknown = [n for n in names if n not in drills.DRILLS]
