@@ -22,6 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 0  # 0: evaluate once, at the end.
   c.keep_checkpoints = 2
   c.async_checkpointing = True
+  # log_every / ckpt_every = 0: off (only the last step is logged / checkpointed).
+  # SIGTERM / SIGINT: the step in flight finishes, is checkpointed, and the run
+  # exits with code 75 (m5p.preemption); if that takes longer than this, the
+  # process exits anyway (0: no limit).
+  c.preempt_grace_s = 120.0
   # What the one training loop (m5p/train.py) trains: 'pretrain' (SCALE's
   # contrastive + masked objective) | 'classify' (fine-tuning backbone + the
   # authors' classification head on `data.train_list`, see `classify` below).
@@ -167,6 +172,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.98
   c.optim.grad_clip = 1.0
+  # A step whose loss, gradients or updated state are not finite is never
+  # applied (m5p.nonfinite). 'skip': count it and go on, but stop after
+  # nonfinite_max_consecutive such steps in a row; 'stop': stop at the first.
+  c.optim.nonfinite = "skip"
+  c.optim.nonfinite_max_consecutive = 10
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128

@@ -312,9 +312,13 @@ def test_bad_json_names_the_file(tmp_path):
   with pytest.raises(ConversionError, match="train_id_label.json"):
     convert_lib.convert(str(root), str(tmp_path / "out"), **SETTINGS)
   (root / "train_id_label.json").unlink()
+  # A JSONL line that is not JSON is one refused item, not the file's end (issue 16).
   (root / "train_id_label.jsonl").write_text('{"item_id": "1", "title": "x"}\n{oops\n')
-  with pytest.raises(ConversionError, match=r"train_id_label.jsonl:2"):
-    list(raw_layout.iter_entries(str(root / "train_id_label.jsonl")))
+  entries = list(raw_layout.iter_entries(str(root / "train_id_label.jsonl")))
+  assert entries[1] == (None, raw_layout.BadEntry("bad_json_line", "train_id_label.jsonl:2"))
+  with pytest.raises(raw_layout.ItemRefused) as e:
+    raw_layout.parse_item(*entries[1])
+  assert (e.value.reason, e.value.example) == ("bad_json_line", "train_id_label.jsonl:2")
   (root / "train_id_label.json").write_text('{}')
   with pytest.raises(ConversionError, match="given twice"):
     raw_layout.find_splits(str(root))

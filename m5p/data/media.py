@@ -25,10 +25,15 @@ JPEG_QUALITY = 90
 MIN_AUDIO_SAMPLES = AUDIO_N_FFT  # Below 64 ms of sound the audio is 'too_short'.
 LOG_EPS = 1e-6
 
-# Pillow's guard against decompression bombs stays on: above 2x
-# Image.MAX_IMAGE_PIXELS it raises ('too_large'); between 1x and 2x it only
-# warns, which load_image_jpeg silences. Truncated files raise unless
-# ImageFile.LOAD_TRUNCATED_IMAGES is set (we never set it).
+# Decompression bombs: an image (or video frame) of more than MAX_IMAGE_PIXELS
+# pixels is refused ('too_large') from its header, before any pixel is
+# decoded, so one file can cost at most ~3 x MAX_IMAGE_PIXELS bytes of
+# memory. Pillow's own guard (2 x Image.MAX_IMAGE_PIXELS, 179M) stays on
+# behind it. A JPEG whose file is too small to hold the pixels its header
+# claims (under one bit per 8x8 block: every block codes at least its DC
+# term) is 'truncated', not decoded into a grey canvas. Truncated files
+# raise unless ImageFile.LOAD_TRUNCATED_IMAGES is set (we never set it).
+MAX_IMAGE_PIXELS = 36_000_000  # 6000 x 6000.
 
 
 class MediaError(Exception):
@@ -115,6 +120,20 @@ def _jpeg(img: Image.Image) -> bytes:
   return buf.getvalue()
 
 
+def _check_pixels(path: str, size: tuple[int, int], fmt: str | None = None) -> None:
+  """MediaError unless the declared size is within MAX_IMAGE_PIXELS (and, for a JPEG,
+  the file is big enough to hold that many blocks)."""
+  w, h = size
+  if w * h > MAX_IMAGE_PIXELS:
+    raise MediaError("too_large", f"{path}: {w}x{h} pixels is over the cap of "
+                     f"{MAX_IMAGE_PIXELS} (m5p.data.media.MAX_IMAGE_PIXELS)")
+  if fmt == "JPEG":
+    blocks = -(-w // 8) * -(-h // 8)
+    if os.path.getsize(path) * 8 < blocks:
+      raise MediaError("truncated", f"{path}: {os.path.getsize(path)} bytes cannot hold the "
+                       f"{w}x{h} pixels its header declares")
+
+
 def load_image_jpeg(path: str, size: int) -> bytes:
   """Decodes an image file to a `size` x `size` RGB JPEG (bytes).
 
@@ -130,6 +149,7 @@ def load_image_jpeg(path: str, size: int) -> bytes:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
       with Image.open(path) as img:
+        _check_pixels(path, img.size, img.format)
         if img.format == "JPEG":
           img.draft("RGB", (size, size))  # DCT-domain downscale: keeps >= size.
         img.load()
@@ -208,6 +228,7 @@ def _sample_frames(path: str, max_frames: int, fps: float, skip_nonref: bool) ->
     if not container.streams.video:
       raise MediaError("no_stream", f"{path}: no video stream")
     stream = container.streams.video[0]
+    _check_pixels(path, (stream.codec_context.width or 0, stream.codec_context.height or 0))
     stream.thread_type = "SLICE"  # Frame threading would only add latency per item.
     if skip_nonref:
       # Skipping non-reference (mostly B-) frames decodes ~1.6x faster; the

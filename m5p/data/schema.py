@@ -14,8 +14,11 @@ decoder handles one dynamic dimension only); `flat_feature` and
 
 Bump `RECORD_VERSION` for any change here.
 """
+import functools
+
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer
 
 RECORD_VERSION = "1.1.0"  # 1.1.0: precomputed features, id-list membership.
 
@@ -50,6 +53,22 @@ def features(n_mels: int = 80) -> tfds.features.FeaturesDict:
                                     encoding=tfds.features.Encoding.BYTES)),
           ("_shape", tfds.features.Tensor(shape=(2,), dtype=np.int32)))},
   })
+
+
+@functools.lru_cache(maxsize=8)
+def _serializer(n_mels: int) -> tuple[tfds.features.FeaturesDict, example_serializer.ExampleSerializer]:
+  feats = features(n_mels)
+  return feats, example_serializer.ExampleSerializer(feats.get_serialized_info())
+
+
+def serialize(example: dict, n_mels: int = 80) -> bytes:
+  """The record bytes of `example` (an `example()` dict): TFDS's tf.train.Example with
+  its feature map in sorted key order. TFDS's own `serialize_example` writes the map in
+  the order of the protobuf runtime's hash table, which varies per process, so the
+  same records would give different shard bytes on two machines."""
+  feats, serializer = _serializer(n_mels)
+  proto = serializer.get_tf_example(feats.encode_example(example))
+  return proto.SerializeToString(deterministic=True)
 
 
 def flat_feature(array: np.ndarray | None) -> dict[str, np.ndarray]:

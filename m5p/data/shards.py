@@ -238,7 +238,7 @@ def _items(job: ShardJob, skipped: Tally) -> Iterator[raw_layout.RawItem]:
     try:
       item = raw_layout.parse_item(raw_id, entry)
     except raw_layout.ItemRefused as e:
-      skipped.add("", e.reason, raw_id)
+      skipped.add("", e.reason, e.example or raw_id)
       continue
     if index in duplicates:
       skipped.add("", "duplicate_id", item.item_id)
@@ -255,7 +255,6 @@ def convert_shard(job: ShardJob, decoder: MediaDecoder | None = None,
   start = time.time()
   own_decoder = decoder is None
   decoder = decoder or MediaDecoder(0, log)
-  features = schema.features(job.settings.n_mels)
   group_of, group_id, lists_of = side_info(job.raw_dir)
   faults, skipped = Tally(), Tally()
   presence: collections.Counter = collections.Counter()
@@ -293,7 +292,7 @@ def convert_shard(job: ShardJob, decoder: MediaDecoder | None = None,
       example = schema.example(item, m, faults=item_faults, group=group,
                                group_id=group_id[group] if group else -1,
                                lists=lists_of.get(item.item_id, ()))
-      record = features.serialize_example(example)
+      record = schema.serialize(example, job.settings.n_mels)
       writer.write(record)
       written += 1
       num_bytes += len(record)
