@@ -31,7 +31,9 @@ setup(
         "flatbuffers>=24.3",  # jax.export serialization (the serving export).
     ],
     extras_require={
-        "test": ["pytest>=8.0", "apache-beam>=2.60", "pyyaml>=6.0"],
+        # jax[tpu] brings libtpu, whose compile-only mode lets tests/test_aot.py compile
+        # for TPU topologies on a CPU (one ~250 MB wheel, kept in pip's cache).
+        "test": ["pytest>=8.0", "apache-beam>=2.60", "pyyaml>=6.0", "jax[tpu]>=0.10.0"],
         "beam": ["apache-beam>=2.60"],  # Conversion on Beam (Dataflow, Flink, Spark).
         "gpu": ["jax[cuda12]>=0.10.0"],
         "tpu": ["jax[tpu]>=0.10.0"],

@@ -1,6 +1,7 @@
 """Model FLOPs from XLA's cost analysis, and the measured peak to divide them by."""
 from __future__ import annotations
 
+import collections
 import math
 import re
 import time
@@ -19,12 +20,11 @@ def compiled_flops(compiled, conditionals: str = "cheapest") -> float:
   - loops: XLA counts a while loop's body once; its dots are counted
     `known_trip_count` times (config.model.scan_layers runs each stack as
     one loop: without this, a 6-layer stack would count as one layer);
-  - conditionals: XLA counts a conditional as its most expensive branch.
-    m5p's are the LM head's fallback (`ScaleModel._lm_nll`), which a
-    step runs only when a row holds more masked tokens than the
-    picked-position slots: with `conditionals='cheapest'` (default) its
-    cheapest branch is counted, the step as it normally runs (e.g. ~7%
-    fewer FLOPs for configs/scale_authors.py); 'xla' keeps the dearest.
+  - conditionals: XLA counts a conditional as its most expensive branch;
+    with `conditionals='cheapest'` (default) the cheapest is counted,
+    'xla' keeps the dearest. (m5p's train step has none since the LM head
+    runs on fixed pick slots; a multi-platform program's platform switch
+    is resolved before compiling.)
   """
   if conditionals not in ("cheapest", "xla"):
     raise ValueError(f"conditionals={conditionals!r}: expected 'cheapest' or 'xla'")
@@ -51,6 +51,70 @@ def _dims(shape: str) -> list[int] | None:
   return [int(d) for d in m.group(1).split(",") if d] if m else None
 
 
+def _computations(hlo_text: str):
+  """Yields (computation, is_entry, header params text, instructions) of an HLO
+  module's text; instructions as (name, result type, opcode, rest of line)."""
+  comp, entry, params, insts = None, False, "", []
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      if comp is not None:
+        yield comp, entry, params, insts
+      comp, entry, params, insts = header.group(1), line.startswith("ENTRY"), header.group(2), []
+      continue
+    inst = _INSTRUCTION.match(line) if comp else None
+    if inst:
+      insts.append(inst.groups())
+  if comp is not None:
+    yield comp, entry, params, insts
+
+
+def _callees(op: str, rest: str) -> list[tuple[str, int]]:
+  """(callee, times per call) of one instruction: a while body runs its
+  known_trip_count times (once when unknown), anything else once."""
+  trips = 1
+  if op == "while":
+    found = _TRIP_COUNT.search(rest)
+    trips = int(found.group(1)) if found else 1
+  return [(c, trips if key == "body" else 1)
+          for key in ("calls", "to_apply", "body", "condition")
+          for c in re.findall(rf"{key}=%?([\w.\-]+)", rest)]
+
+
+def hlo_instructions(hlo_text: str):
+  """Yields (computation, name, result type, opcode, rest of line) of every
+  instruction of an HLO module's text."""
+  for comp, _, _, insts in _computations(hlo_text):
+    for name, shape, op, rest in insts:
+      yield comp, name, shape, op, rest
+
+
+def computation_runs(hlo_text: str) -> dict[str, int]:
+  """How many times each computation runs per call of the module: the entry
+  once, a while body its known_trip_count times per run of its caller
+  (conditional branches count as if each ran)."""
+  calls: dict[str, list[tuple[str, int]]] = {}
+  entry = None
+  for comp, is_entry, _, insts in _computations(hlo_text):
+    entry = comp if is_entry else entry
+    calls[comp] = [c for _, _, op, rest in insts for c in _callees(op, rest)]
+    calls[comp] += [(n.strip().lstrip("%"), 1) for _, _, op, rest in insts if op == "conditional"
+                    for listed in [re.search(r"branch_computations=\{([^}]*)\}", rest)] if listed
+                    for n in listed.group(1).split(",")]
+  runs: dict[str, int] = collections.defaultdict(int)
+
+  def visit(c: str, times: int, depth: int = 0) -> None:
+    if depth > 64:  # Guards against cycles.
+      return
+    runs[c] += times
+    for callee, n in calls.get(c, ()):
+      visit(callee, times * n, depth + 1)
+
+  if entry:
+    visit(entry, 1)
+  return dict(runs)
+
+
 def dot_flops_correction(hlo_text: str, cheapest_branch: bool = True) -> float:
   """The dot FLOPs of an HLO module (text) counted as it runs, minus as XLA's
   cost analysis counts them: while bodies `known_trip_count` times instead of
@@ -61,42 +125,27 @@ def dot_flops_correction(hlo_text: str, cheapest_branch: bool = True) -> float:
   # Per computation: (callee, trip count) pairs, and its conditionals' branch lists.
   calls: dict[str, list[tuple[str, int]]] = {}
   branches: dict[str, list[list[str]]] = {}
-  comp, shapes, entry = None, {}, None
-  for line in hlo_text.splitlines():
-    header = _COMPUTATION.match(line)
-    if header:
-      comp, shapes = header.group(1), {}
-      own[comp], calls[comp], branches[comp] = 0.0, [], []
-      if line.startswith("ENTRY"):
-        entry = comp
-      for name, shape in _PARAM.findall(header.group(2)):
-        shapes[name] = _dims(shape)
-      continue
-    inst = _INSTRUCTION.match(line) if comp else None
-    if not inst:
-      continue
-    name, shape, op, rest = inst.groups()
-    shapes[name] = _dims(shape)
-    if op == "dot":
-      lhs = re.match(r"\s*%?([\w.\-]+)", rest).group(1)
-      contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-      out, lhs_dims = shapes[name], shapes.get(lhs)
-      if out is not None and lhs_dims is not None and contracting:
-        k = math.prod(lhs_dims[int(c)] for c in contracting.group(1).split(",") if c)
-        own[comp] += 2.0 * math.prod(out) * k
-    trips = 1
-    if op == "while":
-      found = _TRIP_COUNT.search(rest)
-      trips = int(found.group(1)) if found else 1
-    for key in ("calls", "to_apply", "body", "condition"):
-      calls[comp] += [(c, trips if key == "body" else 1)
-                      for c in re.findall(rf"{key}=%?([\w.\-]+)", rest)]
-    if op == "conditional":
-      listed = re.search(r"branch_computations=\{([^}]*)\}", rest)
-      names = ([n.strip().lstrip("%") for n in listed.group(1).split(",")] if listed else
-               re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", rest))
-      if names:
-        branches[comp].append(names)
+  entry = None
+  for comp, is_entry, params, insts in _computations(hlo_text):
+    own[comp], calls[comp], branches[comp] = 0.0, [], []
+    entry = comp if is_entry else entry
+    shapes = {name: _dims(shape) for name, shape in _PARAM.findall(params)}
+    for name, shape, op, rest in insts:
+      shapes[name] = _dims(shape)
+      if op == "dot":
+        lhs = re.match(r"\s*%?([\w.\-]+)", rest).group(1)
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+        out, lhs_dims = shapes[name], shapes.get(lhs)
+        if out is not None and lhs_dims is not None and contracting:
+          k = math.prod(lhs_dims[int(c)] for c in contracting.group(1).split(",") if c)
+          own[comp] += 2.0 * math.prod(out) * k
+      calls[comp] += _callees(op, rest)
+      if op == "conditional":
+        listed = re.search(r"branch_computations=\{([^}]*)\}", rest)
+        names = ([n.strip().lstrip("%") for n in listed.group(1).split(",")] if listed else
+                 re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", rest))
+        if names:
+          branches[comp].append(names)
 
   def count(as_run: bool) -> float:
     memo: dict[str, float] = {}

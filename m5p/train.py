@@ -174,7 +174,8 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule:
   return jax.jit(make_train_step(model, tx, schedule, config),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0 if donate else (), compiler_options=compiler_options(config))
+                 donate_argnums=0 if donate else (),
+                 compiler_options=compiler_options(config, mesh.devices.flat[0].platform))
 
 
 def _to_device(batch: dict, batch_shard) -> dict:
