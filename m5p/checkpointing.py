@@ -76,6 +76,23 @@ def _quiet_orbax_reads() -> None:
 
   hook.m5p_quiet = True  # type: ignore[attr-defined]
   sys.unraisablehook = hook
+  # TensorStore's completion callbacks of those reads then find orbax's event loop
+  # closed, and print each RuntimeError through sys.excepthook (PyErr_Print).
+  previous_excepthook = sys.excepthook
+
+  def excepthook(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed" and _in_asyncio(tb):
+      return
+    previous_excepthook(kind, value, tb)
+
+  sys.excepthook = excepthook
+
+
+def _in_asyncio(tb: Any) -> bool:
+  """Whether a traceback was raised inside asyncio itself (its innermost frame)."""
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and os.sep + "asyncio" + os.sep in tb.tb_frame.f_code.co_filename
 
 
 class CheckpointDamaged(Exception):
